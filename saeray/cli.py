@@ -1,0 +1,88 @@
+"""The ``saeray`` command line (typer + rich).
+
+Exit codes: 0 success, 2 bad usage / invalid spec / invalid input, 1 runtime failure.
+Every ``saeray bench ...`` command accepts ``--json`` and then prints one JSON object as its last line.
+
+Each capability registers its commands in its own section below; heavy imports happen inside the
+command functions so that ``saeray --help`` and ``saeray validate`` stay fast.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Optional
+
+import typer
+
+from .errors import InputError, SaerayError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Audit the insides of language models on Ray: harvest, SAEs, sweeps, reports.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print measured figures (--json for one JSON line).")
+zoo_app = typer.Typer(no_args_is_help=True, help="The built-in storyworld model zoo.")
+app.add_typer(bench_app, name="bench")
+app.add_typer(zoo_app, name="zoo")
+
+
+class _State:
+    store: Optional[str] = None
+    address: Optional[str] = None
+
+
+state = _State()
+
+
+@app.callback()
+def _global(
+    store: Optional[str] = typer.Option(None, "--store", help="Store URL (local path, file://, s3://bucket/prefix); overrides the spec."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray address (default: start a local Ray sized to this machine)."),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+) -> None:
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        raise typer.BadParameter(f"unknown log level '{log_level}'; use DEBUG, INFO, WARNING or ERROR", param_hint="--log-level")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    state.store, state.address = store, address
+
+
+def print_json(obj: dict) -> None:
+    """The last line of a --json command: one JSON object on stdout."""
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+# ---- foundation: validate, audit -------------------------------------------------------------
+
+# ---- storyworld zoo: zoo build, zoo list -----------------------------------------------------
+
+# ---- harvest ---------------------------------------------------------------------------------
+
+# ---- SAE training: train, bench recovery, bench train ----------------------------------------
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except SaerayError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(e.exit_code)
+    except (typer.Exit, SystemExit) as e:  # typer.Exit carries the code
+        code = getattr(e, "exit_code", None)
+        if code is None:
+            code = e.code if isinstance(e, SystemExit) else 0
+        sys.exit(code)
+    except typer.Abort:
+        typer.secho("aborted", err=True)
+        sys.exit(1)
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Progress for long work: a rich bar on a terminal, plain periodic log lines otherwise.
+
+Usage::
+
+    with progress("harvest", total=n_tokens, unit="tok") as p:
+        for batch in ...:
+            p.advance(len(batch), loss=0.12)   # extra fields are shown next to the bar / in the log line
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+log = logging.getLogger("saeray")
+
+
+def _is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+class _Progress:
+    def __init__(self, desc: str, total: float | None, unit: str, every_s: float):
+        self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
+        self.done = 0.0
+        self.fields: dict[str, object] = {}
+        self.t0 = time.perf_counter()
+        self._last_log = self.t0
+        self._rich = None
+        self._task = None
+
+    def _fmt_fields(self) -> str:
+        parts = []
+        for k, v in self.fields.items():
+            parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+        return " ".join(parts)
+
+    def rate(self) -> float:
+        dt = time.perf_counter() - self.t0
+        return self.done / dt if dt > 0 else 0.0
+
+    def advance(self, n: float = 1, **fields: object) -> None:
+        self.done += n
+        self.fields.update(fields)
+        if self._rich is not None:
+            self._rich.update(self._task, advance=n, fields=self._fmt_fields())
+            return
+        now = time.perf_counter()
+        if now - self._last_log >= self.every_s:
+            self._last_log = now
+            self._log_line()
+
+    def _log_line(self) -> None:
+        rate = self.rate()
+        if self.total:
+            pct = 100.0 * self.done / self.total
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            msg = f"{self.desc}: {self.done:.0f}/{self.total:.0f} {self.unit} ({pct:.1f}%), {rate:.0f} {self.unit}/s, ETA {eta:.0f}s"
+        else:
+            msg = f"{self.desc}: {self.done:.0f} {self.unit}, {rate:.0f} {self.unit}/s"
+        extra = self._fmt_fields()
+        log.info(msg + (f" {extra}" if extra else ""))
+
+
+@contextmanager
+def progress(desc: str, total: float | None = None, unit: str = "it", every_s: float = 10.0) -> Iterator[_Progress]:
+    p = _Progress(desc, total, unit, every_s)
+    if _is_tty():
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
+                                   TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+        from rich.text import Text
+
+        class _Speed(ProgressColumn):
+            def render(self, task):  # rich's speed is None until it has two samples
+                return Text(f"{task.speed:,.0f} {unit}/s" if task.speed else f"- {unit}/s")
+
+        rp = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Speed(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[fields]}"),
+        )
+        p._rich = rp
+        rp.start()
+        p._task = rp.add_task(desc, total=total, fields="")
+        try:
+            yield p
+        finally:
+            rp.stop()
+    else:
+        log.info(f"{desc}: started" + (f" ({total:.0f} {unit})" if total else ""))
+        try:
+            yield p
+        finally:
+            p._log_line()
