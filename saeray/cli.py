@@ -54,6 +54,34 @@ def print_json(obj: dict) -> None:
 
 # ---- foundation: validate, audit -------------------------------------------------------------
 
+
+@app.command()
+def validate(spec: str = typer.Argument(..., help="audit spec YAML (local path or s3://...)")) -> None:
+    """Check an audit spec; print the normalised spec, or every error with its YAML path and line."""
+    from .spec import dump_spec, load_spec
+
+    s = load_spec(spec)
+    if state.store:
+        s = s.with_store(state.store)
+    sys.stdout.write(dump_spec(s))
+
+
+@app.command()
+def audit(
+    spec: str = typer.Argument(..., help="audit spec YAML (local path or s3://...)"),
+    json_out: bool = typer.Option(False, "--json", help="print the run summary as one JSON line last"),
+) -> None:
+    """Run the whole audit: harvest -> train SAEs -> evaluate -> report. Re-running resumes."""
+    from .audit import run_audit
+    from .spec import load_spec
+
+    s = load_spec(spec)
+    result = run_audit(s, store_url=state.store, address=state.address)
+    if json_out:
+        print_json(result)
+    else:
+        typer.echo(f"report: {result['report']}")
+
 # ---- storyworld zoo: zoo build, zoo list -----------------------------------------------------
 
 # ---- harvest ---------------------------------------------------------------------------------

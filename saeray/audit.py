@@ -1,0 +1,77 @@
+"""``saeray audit``: the whole pipeline for one spec, as a sequence of resumable stages.
+
+Each stage records itself in the run manifest with its wall time; a stage that is done is skipped
+on a re-run (stages resume internally at their own granularity: harvest by work unit, training by
+checkpoint). The same entrypoint runs on a laptop (a local Ray is started) and under
+``ray job submit`` (it joins the job's cluster).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .manifest import Manifest
+from .raycluster import connect
+from .spec import AuditSpec
+from .store import Store
+
+log = logging.getLogger("saeray")
+
+
+@dataclass
+class RunContext:
+    spec: AuditSpec          # as written: ${ENV} placeholders kept; safe to serialise
+    resolved: AuditSpec      # placeholders substituted; in memory only
+    store: Store             # the run folder: <store>/<spec.name>
+    manifest: Manifest
+
+
+def open_run(spec: AuditSpec, store_url: str | None = None) -> RunContext:
+    if store_url:
+        spec = spec.with_store(store_url)
+    resolved = spec.resolved()
+    run_store = Store.from_spec(resolved.store) / spec.name
+    manifest = Manifest.load_or_create(run_store, spec.name, spec.to_dict(), spec.hash())
+    return RunContext(spec, resolved, run_store, manifest)
+
+
+def _stages() -> list[tuple[str, Callable[[RunContext], dict]]]:
+    from .harvest.run import harvest_stage
+
+    return [("harvest", harvest_stage)]
+
+
+def run_stage(ctx: RunContext, name: str, fn: Callable[[RunContext], dict]) -> dict:
+    if ctx.manifest.stage_done(name):
+        log.info(f"stage {name}: already done, skipped")
+        return ctx.manifest.stage(name)
+    log.info(f"stage {name}: started")
+    ctx.manifest.set_stage(name, status="running")
+    t0 = time.perf_counter()
+    try:
+        out = fn(ctx) or {}
+    except BaseException:
+        ctx.manifest.set_stage(name, status="failed")
+        raise
+    wall = time.perf_counter() - t0
+    ctx.manifest.set_stage(name, status="done", wall_s=round(wall, 2), **out)
+    log.info(f"stage {name}: done in {wall:.1f} s")
+    return ctx.manifest.stage(name)
+
+
+def run_audit(spec: AuditSpec, store_url: str | None = None, address: str | None = None) -> dict:
+    ctx = open_run(spec, store_url)
+    connect(address)
+    t0 = time.perf_counter()
+    for name, fn in _stages():
+        run_stage(ctx, name, fn)
+    stage_times = {n: s.get("wall_s") for n, s in ctx.manifest.data["stages"].items()}
+    summary = {"run": spec.name, "store": ctx.store.url, "stage_wall_s": stage_times,
+               "total_wall_s": round(time.perf_counter() - t0, 2)}
+    ctx.store.write_json("report/summary.json", summary)
+    summary["report"] = ctx.store.url_of("report/summary.json")
+    for n, t in stage_times.items():
+        log.info(f"{n}: {t} s")
+    return summary

@@ -1,0 +1,62 @@
+"""Connecting to Ray: an explicit ``--address``, the cluster a ``ray job submit`` driver runs in
+(``RAY_ADDRESS`` is set there), or a fresh local Ray sized to this machine.
+
+A local Ray is kept on 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` must be set before Ray
+starts; passing the node IP alone does not do it, see docs/architecture.md) and started with
+``address="local"`` so that a stale ``ray start`` cluster file is never picked up by accident.
+S3 settings are in the environment before ``ray.init`` so every Ray process inherits them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("saeray")
+
+# Ray Train's defaults poll every 2 s; on small jobs that is most of the wall time (feasibility §4)
+_TRAIN_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+}
+
+
+def local_env() -> None:
+    """Environment for a Ray we start ourselves (set before the first ray import starts anything)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    for k, v in _TRAIN_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def connect(address: str | None = None, num_cpus: int | None = None,
+            object_store_memory: int | None = None) -> dict:
+    """Initialise Ray once per process; returns the cluster's resources."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    for k, v in _TRAIN_ENV.items():
+        os.environ.setdefault(k, v)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info(f"connecting to Ray at {address}")
+        ray.init(address=address, log_to_driver=True)
+    else:
+        local_env()
+        import psutil
+
+        mem = psutil.virtual_memory().total
+        osm = object_store_memory or int(os.environ.get("SAERAY_OBJECT_STORE_BYTES", min(2 << 30, int(mem * 0.15))))
+        ncpu = num_cpus or os.cpu_count() or 1
+        log.info(f"starting a local Ray: {ncpu} CPUs, object store {osm / 2**30:.1f} GiB")
+        ray.init(address="local", num_cpus=ncpu, include_dashboard=False, object_store_memory=osm,
+                 log_to_driver=True, logging_level=logging.WARNING)
+    try:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+    except Exception:  # pragma: no cover - ray[data] missing
+        pass
+    return ray.cluster_resources()

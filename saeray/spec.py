@@ -1,0 +1,298 @@
+"""The audit spec: one YAML file drives the whole pipeline (model, corpus, hook points, harvest,
+SAEs, evaluation, store, resources).
+
+Loading is strict: unknown keys, wrong types and out-of-range values are errors that name the YAML
+path (``sae.architectures[1].k: must be >= 1``) and its line, all errors of a file at once.
+
+``${ENV_VAR}`` (or ``${ENV_VAR:-default}``) is allowed inside string values, for secrets such as
+store credentials. The spec keeps the placeholders: :meth:`AuditSpec.resolved` returns a copy with
+the environment substituted, for use at run time only, so values never reach manifests, logs or
+reports (those always serialise the unresolved spec).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InputError
+from .models import hookpoints
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _check_hookpoint(name: str) -> str:
+    try:
+        hookpoints.check_syntax(name)
+    except hookpoints.HookPointError as e:
+        raise ValueError(str(e)) from None
+    return name
+
+
+HookPointName = Annotated[str, AfterValidator(_check_hookpoint)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="HF model id, local folder, or a storyworld zoo model (storyworld-2l/4l/6l)")
+    revisions: list[str] = Field(default_factory=lambda: ["main"], min_length=1,
+                                 description="checkpoints to audit, e.g. [step1000, main]")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a model (HF id, local path or storyworld-4l)")
+        return v
+
+
+class CorpusSpec(_Strict):
+    source: str = Field("storyworld", description="'storyworld' or a .txt/.jsonl/.parquet file or folder (local or s3://)")
+    text_field: str = "text"
+    n_docs: int = Field(2000, ge=1, description="documents (storyworld) or contexts (text) to harvest")
+    context_len: int = Field(128, ge=2, le=1_000_000)
+    seed: int = 0
+    drop_bos: bool = True
+    heldout_docs: int = Field(256, ge=0, description="held-out documents for evaluation")
+
+
+class HarvestSpec(_Strict):
+    batch_size: int = Field(32, ge=1, description="contexts per forward batch")
+    unit_contexts: int = Field(256, ge=1, description="contexts per work unit (the resume granularity)")
+    dtype: Literal["float16", "float32"] = "float16"
+    stages: int = Field(1, ge=1, description="pipeline stages (contiguous layer ranges) per model replica")
+    replicas: int = Field(1, ge=1, description="data-parallel pipelines")
+    max_in_flight: int = Field(4, ge=1, description="batches in flight per pipeline (backpressure)")
+
+
+class SAEVariant(_Strict):
+    arch: Literal["relu", "topk", "batchtopk", "gated", "jumprelu", "gba"]
+    width: int = Field(ge=1)
+    k: Optional[int] = Field(None, ge=1, description="active latents (topk, batchtopk)")
+    l1: Optional[float] = Field(None, gt=0, description="sparsity coefficient (relu, gated, jumprelu)")
+
+    @model_validator(mode="after")
+    def _needs(self) -> "SAEVariant":
+        if self.arch in ("topk", "batchtopk") and self.k is None:
+            raise ValueError(f"arch '{self.arch}' needs k (active latents per token), e.g. k: 32")
+        return self
+
+
+class SAETrainSpec(_Strict):
+    tokens: int = Field(2_000_000, ge=1, description="training tokens per SAE")
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    epochs_max: int = Field(100, ge=1, description="cap on passes over the harvested tokens")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    seed: int = 0
+
+
+class SAESpec(_Strict):
+    architectures: list[SAEVariant] = Field(min_length=1)
+    train: SAETrainSpec = Field(default_factory=SAETrainSpec)
+
+
+class EvaluationSpec(_Strict):
+    ce_loss: bool = True
+    concepts: bool = True
+    batch_size: int = Field(32, ge=1)
+
+
+class StoreSpec(_Strict):
+    url: str = "./runs"
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    key: Optional[str] = None
+    secret: Optional[str] = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from .store import check_url
+
+        check_url(v)
+        return v
+
+
+class ActorResources(_Strict):
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_gb: Optional[float] = Field(None, gt=0)
+
+
+class ResourcesSpec(_Strict):
+    harvest: ActorResources = Field(default_factory=ActorResources, description="per shard actor")
+    train: ActorResources = Field(default_factory=ActorResources, description="per training unit (hook point)")
+    eval: ActorResources = Field(default_factory=ActorResources, description="per evaluation task")
+
+
+class AuditSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                      description="run name: the run folder in the store; re-running the same name resumes")
+    model: ModelSpec
+    corpus: CorpusSpec = Field(default_factory=CorpusSpec)
+    hookpoints: list[HookPointName] = Field(min_length=1)
+    harvest: HarvestSpec = Field(default_factory=HarvestSpec)
+    sae: Optional[SAESpec] = None
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    store: StoreSpec = Field(default_factory=StoreSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_shorthand(cls, v: Any) -> Any:
+        return {"url": v} if isinstance(v, str) else v
+
+    # -- derived ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The normalised spec, placeholders kept (safe to write anywhere)."""
+        return self.model_dump(mode="json")
+
+    def hash(self, *sections: str) -> str:
+        """Stable hash of the whole spec, or of some top-level sections (e.g. what a stage depends on)."""
+        d = self.to_dict()
+        if sections:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def resolved(self) -> "AuditSpec":
+        """A copy with ``${ENV}`` placeholders substituted. Keep it in memory; never write it out."""
+        return AuditSpec.model_validate(_interpolate(self.to_dict()))
+
+    def with_store(self, url: str) -> "AuditSpec":
+        d = self.to_dict()
+        d["store"]["url"] = url
+        return AuditSpec.model_validate(d)
+
+
+# ---- loading with line-aware errors -----------------------------------------------------------
+
+def _interpolate(obj: Any, path: str = "") -> Any:
+    if isinstance(obj, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else k) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_interpolate(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, str):
+        def sub(m: re.Match) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in os.environ:
+                return os.environ[var]
+            if default is not None:
+                return default
+            raise InputError(f"{path}: environment variable {var} is not set (referenced as ${{{var}}}); export it or give a default ${{{var}:-value}}")
+        return _ENV.sub(sub, obj)
+    return obj
+
+
+def _line_map(text: str) -> dict[tuple, int]:
+    """YAML path (tuple of keys / indices) -> 1-based line, from the composed node tree."""
+    out: dict[tuple, int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return out
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        out[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = k.value
+                out[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,))
+                out[path + (key,)] = k.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (i,))
+
+    if root is not None:
+        walk(root, ())
+    return out
+
+
+def _fmt_loc(loc: tuple) -> str:
+    s = ""
+    for part in loc:
+        if isinstance(part, int):
+            s += f"[{part}]"
+        else:
+            s += f".{part}" if s else str(part)
+    return s or "(top level)"
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    # pydantic inserts tags for union members / function validators; they are not YAML keys
+    return tuple(p for p in loc if not (isinstance(p, str) and ("function-" in p or p in ("str", "dict"))))
+
+
+def _messages(err: ValidationError, lines: dict[tuple, int], fname: str) -> list[str]:
+    msgs = []
+    for e in err.errors():
+        loc = _clean_loc(tuple(e["loc"]))
+        etype, msg = e["type"], e["msg"]
+        if etype == "extra_forbidden":
+            msg = "unknown key (check the spelling; the fields are listed in docs/spec.md)"
+        elif etype == "missing":
+            msg = "required field is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        elif etype.startswith("greater_than") or etype.startswith("less_than"):
+            msg = msg.replace("Input should be", "must be")
+        elif etype == "literal_error":
+            msg = msg.replace("Input should be", "must be one of:")
+        else:
+            msg = msg.replace("Input should be", "must be")
+        line = None
+        for cut in range(len(loc), -1, -1):
+            if loc[:cut] in lines:
+                line = lines[loc[:cut]]
+                break
+        where = f"{fname}:{line}: " if line else f"{fname}: "
+        msgs.append(f"{where}{_fmt_loc(loc)}: {msg}")
+    return msgs
+
+
+def parse_spec(text: str, fname: str = "<spec>") -> AuditSpec:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{fname}:{mark.line + 1}" if mark else fname
+        problem = getattr(e, "problem", None) or str(e)
+        raise InputError(f"{where}: not valid YAML: {problem}; fix the syntax (indentation, ':' after keys, quotes)") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{fname}: the spec must be a YAML mapping with at least 'name', 'model' and 'hookpoints'")
+    try:
+        return AuditSpec.model_validate(data)
+    except ValidationError as e:
+        msgs = _messages(e, _line_map(text), fname)
+        raise InputError(f"{len(msgs)} error(s) in {fname}:\n  " + "\n  ".join(msgs)) from None
+
+
+def load_spec(path_or_url: str) -> AuditSpec:
+    """Read a spec from a local path or any fsspec URL (e.g. s3://bucket/specs/audit.yaml)."""
+    import fsspec
+
+    try:
+        with fsspec.open(path_or_url, "r") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise InputError(f"spec file not found: {path_or_url}") from None
+    except IsADirectoryError:
+        raise InputError(f"{path_or_url} is a folder; pass a spec YAML file") from None
+    return parse_spec(text, fname=str(path_or_url))
+
+
+def dump_spec(spec: AuditSpec) -> str:
+    return yaml.safe_dump(spec.to_dict(), sort_keys=False)
+
+

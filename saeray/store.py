@@ -1,0 +1,210 @@
+"""The store: every artifact of a run lives under one URL — a local path (default ``./runs``),
+``file://...``, or ``s3://bucket/prefix`` through s3fs — and is written through this one class.
+
+Writes are atomic from a reader's view: data goes to a hidden temporary object
+(``<dir>/.tmp-<uuid>-<name>``; readers such as pyarrow.dataset skip names starting with '.') and is
+moved to its final name only once fully written. On S3 the move is a server-side copy; a crash
+mid-write leaves at most a hidden temporary that :meth:`Store.sweep_tmp` removes. What counts as
+*done* is decided by the run manifest (:mod:`saeray.manifest`), written after the data.
+
+S3 endpoint, region and credentials come from the spec's ``store`` section (``${ENV}`` placeholders
+resolved in memory) or, when absent, from the standard AWS environment / config files
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import fsspec
+
+from .errors import InputError
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+SCHEMES = ("file", "s3")
+
+
+def check_url(url: str) -> None:
+    """Raise ValueError (with what to do) unless ``url`` is a store URL we can write to."""
+    if not url or not url.strip():
+        raise ValueError("store URL is empty; use a local folder (./runs), file:///abs/path or s3://bucket/prefix")
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        if scheme not in SCHEMES:
+            raise ValueError(f"unsupported store URL scheme '{scheme}://'; use a local folder, file:///abs/path or s3://bucket/prefix")
+        if scheme == "s3":
+            bucket = rest.split("/", 1)[0]
+            if not _BUCKET.match(bucket):
+                raise ValueError(f"'{url}': '{bucket}' is not a valid S3 bucket name (3-63 lowercase letters, digits, '.', '-'); use s3://bucket/prefix")
+        if scheme == "file" and not rest.startswith("/"):
+            raise ValueError(f"'{url}': file:// URLs need an absolute path (file:///abs/path)")
+
+
+@dataclass
+class Store:
+    """A folder on some filesystem. ``Store.open(url)``; ``store / "run" / "acts"`` for sub-folders."""
+
+    url: str
+    options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold secrets: never log
+
+    def __post_init__(self) -> None:
+        try:
+            check_url(self.url)
+        except ValueError as e:
+            raise InputError(f"store: {e}") from None
+        self.url = self.url.rstrip("/") if self.url not in ("/",) else self.url
+        fs, path = fsspec.core.url_to_fs(self.url, **self._fs_kwargs())
+        self.fs = fs
+        self.root = path.rstrip("/")
+        self.is_local = self.url.startswith("file://") or "://" not in self.url
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, url: str, endpoint_url: str | None = None, region: str | None = None,
+             key: str | None = None, secret: str | None = None) -> "Store":
+        opts = {k: v for k, v in dict(endpoint_url=endpoint_url, region=region, key=key, secret=secret).items() if v}
+        if "://" not in url:
+            url = os.path.abspath(url)
+        return cls(url, opts)
+
+    @classmethod
+    def from_spec(cls, store_spec) -> "Store":
+        """From a (resolved) :class:`saeray.spec.StoreSpec`."""
+        return cls.open(store_spec.url, store_spec.endpoint_url, store_spec.region, store_spec.key, store_spec.secret)
+
+    def _fs_kwargs(self) -> dict:
+        if not self.url.startswith("s3://"):
+            return {}
+        kw: dict[str, Any] = {}
+        client: dict[str, Any] = {}
+        endpoint = self.options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            client["endpoint_url"] = endpoint
+        region = self.options.get("region") or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+        if region:
+            client["region_name"] = region
+        if client:
+            kw["client_kwargs"] = client
+        if self.options.get("key"):
+            kw["key"] = self.options["key"]
+            kw["secret"] = self.options.get("secret")
+        # fresh instances: s3fs caches listings per instance, and we read what other processes wrote
+        kw["skip_instance_cache"] = True
+        kw["use_listings_cache"] = False
+        return kw
+
+    def __truediv__(self, part: str) -> "Store":
+        return Store(f"{self.url}/{part.strip('/')}", self.options)
+
+    def __reduce__(self):  # picklable for Ray: rebuilt from url + options in the worker
+        return (Store, (self.url, self.options))
+
+    # -- paths ----------------------------------------------------------------------------------
+    def path(self, rel: str = "") -> str:
+        return f"{self.root}/{rel.strip('/')}" if rel else self.root
+
+    def url_of(self, rel: str = "") -> str:
+        return f"{self.url}/{rel.strip('/')}" if rel else self.url
+
+    # -- reading --------------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(rel))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.url_of(rel)} does not exist") from None
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def ls(self, rel: str = "") -> list[str]:
+        """Names (not paths) directly under ``rel``, hidden temporaries excluded; [] if missing."""
+        try:
+            entries = self.fs.ls(self.path(rel), detail=False)
+        except FileNotFoundError:
+            return []
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        return sorted(n for n in names if not n.startswith(".tmp-"))
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
+    # -- atomic writing -------------------------------------------------------------------------
+    def _tmp_for(self, rel: str) -> str:
+        d, _, name = self.path(rel).rpartition("/")
+        return f"{d}/.tmp-{uuid.uuid4().hex[:12]}-{name}"
+
+    def _promote(self, tmp: str, final: str) -> None:
+        if self.is_local:
+            os.replace(tmp, final)  # atomic rename on one filesystem
+        else:
+            self.fs.mv(tmp, final)
+
+    @contextmanager
+    def open_write(self, rel: str) -> Iterator[Any]:
+        """A binary file that appears at ``rel`` only after the ``with`` block succeeds."""
+        final = self.path(rel)
+        self.fs.makedirs(final.rpartition("/")[0], exist_ok=True)
+        tmp = self._tmp_for(rel)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                yield f
+            self._promote(tmp, final)
+        except BaseException:
+            try:
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
+            except Exception:  # pragma: no cover - best effort; sweep_tmp cleans leftovers
+                pass
+            raise
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.open_write(rel) as f:
+            f.write(data)
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n").encode())
+
+    def put_dir(self, local_dir: str, rel: str) -> None:
+        """Upload every file of a local folder under ``rel`` (each file atomically)."""
+        for dirpath, _, files in os.walk(local_dir):
+            for name in files:
+                src = os.path.join(dirpath, name)
+                sub = os.path.relpath(src, local_dir).replace(os.sep, "/")
+                with open(src, "rb") as fsrc, self.open_write(f"{rel}/{sub}") as fdst:
+                    while chunk := fsrc.read(8 << 20):
+                        fdst.write(chunk)
+
+    def get_dir(self, rel: str, local_dir: str) -> None:
+        self.fs.get(self.path(rel).rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
+
+    def rm(self, rel: str, recursive: bool = False) -> None:
+        if self.exists(rel):
+            self.fs.rm(self.path(rel), recursive=recursive)
+
+    def sweep_tmp(self, rel: str = "") -> int:
+        """Remove hidden temporaries left by crashed writers under ``rel``; returns how many."""
+        try:
+            found = self.fs.find(self.path(rel))
+        except FileNotFoundError:
+            return 0
+        stale = [p for p in found if p.rsplit("/", 1)[-1].startswith(".tmp-")]
+        for p in stale:
+            self.fs.rm(p)
+        return len(stale)
+
+    # -- interop --------------------------------------------------------------------------------
+    def arrow_fs(self):
+        """A pyarrow filesystem and root path, for pyarrow.dataset / Ray Data."""
+        import pyarrow.fs as pafs
+
+        if self.is_local:
+            return pafs.LocalFileSystem(), self.root
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs)), self.root

@@ -1,0 +1,101 @@
+"""Shared fixtures: a real S3 endpoint (moto's server mode on 127.0.0.1) and a real local Ray.
+
+The S3 environment is exported before Ray starts so that every Ray process inherits it
+(feasibility §4: setting it after ray.init is too late for Ray Train's controller).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """`moto_server -H 127.0.0.1 -p PORT` as a subprocess; stopped by PID at the end."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        url = f"http://127.0.0.1:{port}"
+        os.environ.update({
+            "AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+        })
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def s3_url(moto_endpoint):
+    """A fresh bucket on the moto server; returns s3://bucket/prefix."""
+    import boto3
+
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/runs"
+
+
+@pytest.fixture(scope="session")
+def ray_local(moto_endpoint, tmp_path_factory):
+    """One real local Ray for the session, on 127.0.0.1, with a small object store."""
+    from saeray.raycluster import local_env
+
+    local_env()
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2,
+             log_to_driver=False, _temp_dir=None)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def store_url(request, tmp_path):
+    """Parametrise a test over a local folder and S3 (moto): use `indirect` or call directly."""
+    kind = getattr(request, "param", "local")
+    if kind == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_url")
+
+
+def has(cmd: str) -> bool:
+    return shutil.which(cmd) is not None

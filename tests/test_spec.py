@@ -1,0 +1,120 @@
+"""`saeray validate`: every broken spec gets one clear message naming the field (and line), exit 2,
+no traceback; the good spec round-trips; ${ENV} placeholders never leak into outputs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from saeray.errors import InputError
+from saeray.spec import load_spec, parse_spec
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = textwrap.dedent("""\
+    name: t1
+    model:
+      name: storyworld-2l
+    hookpoints: ["resid_post.0", "mlp_post.*"]
+    sae:
+      architectures:
+        - {arch: topk, width: 64, k: 4}
+        - {arch: relu, width: 64, l1: 1.0}
+    store: ./runs
+    """)
+
+
+def run_validate(tmp_path: Path, text: str, *extra: str) -> subprocess.CompletedProcess:
+    p = tmp_path / "spec.yaml"
+    p.write_text(text)
+    return subprocess.run([sys.executable, "-m", "saeray", *extra, "validate", str(p)],
+                          capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_good_spec_normalised(tmp_path):
+    r = run_validate(tmp_path, GOOD)
+    assert r.returncode == 0, r.stderr
+    assert "trust_remote_code: false" in r.stdout  # defaults filled in
+    assert "unit_contexts: 256" in r.stdout
+    again = parse_spec(r.stdout)  # the printed form is itself a valid spec
+    assert again == parse_spec(GOOD)
+
+
+def test_default_job_spec_valid():
+    s = load_spec(str(REPO / "jobs" / "storyworld.yaml"))
+    assert s.model.name == "storyworld-4l"
+    assert {v.arch for v in s.sae.architectures} >= {"relu", "topk", "gated", "gba"}
+
+
+BROKEN = {
+    "bad_yaml": (GOOD.replace("name: t1", "name: [t1"), ["not valid YAML", "spec.yaml:"]),
+    "unknown_key": (GOOD.replace("  name: storyworld-2l", "  name: storyworld-2l\n  revison: step1"),
+                    ["model.revison", "unknown key", "spec.yaml:4"]),
+    "wrong_type": (GOOD.replace("width: 64, k: 4", "width: wide, k: 4"),
+                   ["sae.architectures[0].width", "integer", "spec.yaml:7"]),
+    "negative_size": (GOOD.replace("width: 64, l1: 1.0", "width: -3, l1: 1.0"),
+                      ["sae.architectures[1].width", "greater than or equal to 1"]),
+    "k_zero": (GOOD.replace("k: 4", "k: 0"), ["sae.architectures[0].k", ">= 1".replace(">= ", "greater than or equal to ")]),
+    "missing_model": (GOOD.replace("model:\n  name: storyworld-2l\n", ""), ["model: required field is missing"]),
+    "empty_model_name": (GOOD.replace("name: storyworld-2l", "name: ''"), ["model.name", "must name a model"]),
+    "bad_hookpoint": (GOOD.replace('"mlp_post.*"', '"blocks.3.hook_resid_post"'),
+                      ["hookpoints[1]", "is not a hook point name", "resid_post.3"]),
+    "unknown_hook_kind": (GOOD.replace('"mlp_post.*"', '"mlp_pre.2"'), ["unknown hook point kind 'mlp_pre'"]),
+    "bad_store_scheme": (GOOD.replace("store: ./runs", "store: ftp://host/x"), ["store.url", "unsupported store URL scheme 'ftp://'"]),
+    "bad_bucket": (GOOD.replace("store: ./runs", "store: s3://B_/x"), ["store.url", "not a valid S3 bucket name"]),
+    "bad_resources": (GOOD + "resources:\n  harvest: {num_gpus: -1}\n", ["resources.harvest.num_gpus", "greater than or equal to 0"]),
+    "resources_unknown": (GOOD + "resources:\n  train: {gpus: 1}\n", ["resources.train.gpus", "unknown key"]),
+    "topk_without_k": (GOOD.replace("width: 64, k: 4", "width: 64"), ["sae.architectures[0]", "needs k"]),
+    "unknown_arch": (GOOD.replace("arch: relu", "arch: relu6"), ["sae.architectures[1].arch", "'relu'", "'gba'"]),
+    "not_a_mapping": ("- just\n- a list\n", ["must be a YAML mapping"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_specs(tmp_path, case):
+    text, needles = BROKEN[case]
+    r = run_validate(tmp_path, text)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in r.stderr, f"{case}: {n!r} not in {r.stderr!r}"
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    text = GOOD.replace("k: 4", "k: 0").replace("store: ./runs", "store: ftp://x") + "bogus: 1\n"
+    r = run_validate(tmp_path, text)
+    assert r.returncode == 2
+    assert "3 error(s)" in r.stderr
+    for n in ("sae.architectures[0].k", "store.url", "bogus"):
+        assert n in r.stderr
+
+
+def test_missing_file_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "saeray", "validate", str(tmp_path / "nope.yaml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "spec file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_env_interpolation_kept_out_of_outputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAERAY_TEST_SECRET", "hunter2-very-secret")
+    text = GOOD.replace("store: ./runs", "store:\n  url: ./runs\n  secret: ${SAERAY_TEST_SECRET}\n  region: ${SAERAY_NO_SUCH_VAR:-eu-west-1}")
+    spec = parse_spec(text)
+    assert spec.store.secret == "${SAERAY_TEST_SECRET}"
+    assert "hunter2" not in str(spec.to_dict())
+    r = spec.resolved()
+    assert r.store.secret == "hunter2-very-secret" and r.store.region == "eu-west-1"
+    out = run_validate(tmp_path, text)
+    assert out.returncode == 0 and "hunter2" not in out.stdout and "${SAERAY_TEST_SECRET}" in out.stdout
+
+
+def test_env_missing_is_input_error():
+    text = GOOD.replace("store: ./runs", "store:\n  url: ./runs\n  key: ${SAERAY_SURELY_UNSET_VAR}")
+    with pytest.raises(InputError, match="SAERAY_SURELY_UNSET_VAR is not set"):
+        parse_spec(text).resolved()
+
+
+def test_store_override_flag(tmp_path):
+    r = run_validate(tmp_path, GOOD, "--store", "s3://my-bucket/p")
+    assert r.returncode == 0 and "url: s3://my-bucket/p" in r.stdout
