@@ -86,6 +86,29 @@ def audit(
 
 # ---- harvest ---------------------------------------------------------------------------------
 
+
+@app.command()
+def harvest(
+    spec: str = typer.Argument(..., help="audit spec YAML (local path or s3://...)"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="checkpoint to harvest (default: the spec's first)"),
+    json_out: bool = typer.Option(False, "--json", help="print totals as one JSON line last"),
+) -> None:
+    """Harvest activations of the spec's hook points into Parquet in the store (resumes)."""
+    from .audit import open_run, run_stage
+    from .harvest.run import run_harvest
+    from .raycluster import connect
+    from .spec import load_spec
+
+    s = load_spec(spec)
+    ctx = open_run(s, state.store)
+    connect(state.address)
+    rev = revision or ctx.resolved.model.revisions[0]
+    out = run_stage(ctx, "harvest", lambda c: run_harvest(c.resolved, c.store, c.manifest, rev))
+    if json_out:
+        print_json({"run": ctx.store.url, **out})
+    else:
+        typer.echo(f"activations: {ctx.store.url_of('acts')} ({out.get('rows')} rows per hook point)")
+
 # ---- SAE training: train, bench recovery, bench train ----------------------------------------
 
 

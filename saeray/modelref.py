@@ -1,0 +1,55 @@
+"""What a spec's ``model.name`` points at: a storyworld zoo model (built on first use, then cached),
+a local folder, or a Hugging Face model id — resolved to what ``from_pretrained`` takes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ZOO_PREFIX = "storyworld-"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str                 # as written in the spec
+    path: str                 # folder or hub id to load
+    revision: str | None      # hub revision (None for local folders: the revision is in the path)
+    label: str                # revision as the user named it (for metadata)
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+
+    def config(self) -> Any:
+        from .models.load import load_config
+
+        return load_config(self.path, self.revision, trust_remote_code=self.trust_remote_code)
+
+    def tokenizer(self) -> Any:
+        from .errors import InputError
+        from .models.load import load_tokenizer
+
+        tok = load_tokenizer(self.path, self.revision, trust_remote_code=self.trust_remote_code)
+        if tok is None:
+            raise InputError(f"model '{self.name}' ({self.path}) ships no tokenizer; add tokenizer files to the folder")
+        return tok
+
+    def meta_model(self) -> Any:
+        """The architecture with no weights (meta device): shapes and module layout for planning."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(self.config(), trust_remote_code=self.trust_remote_code)
+
+
+def resolve_model(model_spec, revision: str | None = None) -> ModelRef:
+    """``revision`` None / 'main' means the final checkpoint."""
+    from .models.load import resolve
+
+    rev = None if revision in (None, "main") else revision
+    name = model_spec.name
+    if name.startswith(ZOO_PREFIX):
+        from .storyworld.zoo import resolve as zoo_resolve
+
+        path = str(zoo_resolve(name, rev))
+        return ModelRef(name, path, None, revision or "main", False, model_spec.dtype)
+    path, hub_rev = resolve(name, rev)
+    return ModelRef(name, path, hub_rev, revision or "main", model_spec.trust_remote_code, model_spec.dtype)
