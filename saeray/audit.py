@@ -56,7 +56,7 @@ def run_stage(ctx: RunContext, name: str, fn: Callable[[RunContext], dict]) -> d
         ctx.manifest.set_stage(name, status="failed")
         raise
     wall = time.perf_counter() - t0
-    ctx.manifest.set_stage(name, status="done", wall_s=round(wall, 2), **out)
+    ctx.manifest.set_stage(name, **{**out, "status": "done", "wall_s": round(wall, 2)})
     log.info(f"stage {name}: done in {wall:.1f} s")
     return ctx.manifest.stage(name)
 

@@ -226,8 +226,8 @@ def run_harvest(spec, run: Store, manifest: Manifest, revision: str | None = Non
         for a in pipe.actors:
             ray.kill(a)
     out = _totals(sec)
-    out["wall_s"] = round(time.perf_counter() - t0, 2)
-    out["tokens_per_s"] = round(tokens / max(out["wall_s"], 1e-9), 1)
+    out["loop_wall_s"] = round(time.perf_counter() - t0, 2)
+    out["tokens_per_s"] = round(tokens / max(out["loop_wall_s"], 1e-9), 1)
     return out
 
 
