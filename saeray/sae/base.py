@@ -1,0 +1,147 @@
+"""What every SAE architecture shares: the SAELens parameter names, input scaling, decoder norms,
+dead-latent tracking, and the forward output.
+
+Notation follows SAELens (``W_enc [d_in, width]``, ``b_enc [width]``, ``W_dec [width, d_in]``,
+``b_dec [d_in]``; rows of ``W_dec`` are latent directions) so export is a plain rename.
+
+Input scaling: the trainer sets the scalar buffer ``input_scale = c`` so that ``E‖c·x‖² = target``
+(default 1); every loss is computed on the scaled input ``c·x`` and the reconstruction is returned in
+raw units. On export the scale is folded into the weights (``W_enc·c``, ``W_dec/c``, ``b_dec/c``): the
+latent values are unchanged and the saved SAE works on raw activations with
+``normalize_activations: "none"`` (the way SAELens itself folds scaling before an inference save).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class SAEOutput:
+    recon: Tensor                                   # [B, d_in], raw units
+    latents: Tensor                                 # [B, width]
+    losses: dict[str, Tensor] = field(default_factory=dict)   # already weighted; total = sum
+    pre: Tensor | None = None                       # scaled-space pre-activations, for per-arch statistics
+
+
+def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm; the b_dec init used by the TopK and standard-SAE references."""
+    x = x.float()
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=1).clamp_min(eps)
+        m_new = (w[:, None] * x).sum(0) / w.sum()
+        if (m_new - m).norm() < eps * max(1.0, m.norm().item()):
+            return m_new
+        m = m_new
+    return m
+
+
+class SAE(nn.Module):
+    """Base class. Subclasses implement ``encode_scaled`` and ``loss_terms`` and may override
+    ``on_step`` (statistics that are not gradients: thresholds, bias adaptation)."""
+
+    arch = "base"               # our registry name
+    saelens_arch = "standard"   # the SAELens ``architecture`` it is saved as
+    unit_norm_decoder = True    # rows of W_dec kept at unit norm (parallel gradient removed)
+
+    def __init__(self, d_in: int, width: int):
+        super().__init__()
+        self.d_in, self.width = d_in, width
+        self.register_buffer("input_scale", torch.ones(()))
+        # tokens since each latent last fired; dead = ">= dead_tokens" (Gao et al.: 10M tokens)
+        self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
+        self.dead_tokens = 10_000_000
+
+    # -- parameters -----------------------------------------------------------------------------
+    def _init_standard(self) -> None:
+        """Random unit decoder rows, encoder = decoderᵀ (tied init, trained untied), zero biases."""
+        W = torch.randn(self.width, self.d_in)
+        W = W / W.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W.clone())
+        self.W_enc = nn.Parameter(W.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(self.width))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in))
+
+    def decoder_param(self) -> nn.Parameter:
+        """The parameter whose rows are the latent directions (normalised when the method wants it)."""
+        return self.W_dec
+
+    def directions(self) -> Tensor:
+        """Unit latent directions [width, d_in] (what feature recovery is measured on)."""
+        W = self.W_dec.detach().float()
+        return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        W = self.decoder_param()
+        if W.grad is None:
+            return
+        Wn = W / W.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        W.grad -= (W.grad * Wn).sum(1, keepdim=True) * Wn
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        W = self.decoder_param()
+        W /= W.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    # -- computation ----------------------------------------------------------------------------
+    def pre_acts(self, xs: Tensor) -> Tensor:
+        return (xs - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode_scaled(self, xs: Tensor) -> tuple[Tensor, Tensor]:
+        """(latents, pre-activations) of the scaled input."""
+        raise NotImplementedError
+
+    def loss_terms(self, xs: Tensor, xh: Tensor, f: Tensor, pre: Tensor) -> dict[str, Tensor]:
+        return {"mse": mse(xh, xs)}
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encode_scaled(x * self.input_scale)[0]
+
+    def decode(self, f: Tensor) -> Tensor:
+        return (f @ self.W_dec + self.b_dec) / self.input_scale
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        xs = x * self.input_scale
+        f, pre = self.encode_scaled(xs)
+        xh = f @ self.W_dec + self.b_dec
+        losses = self.loss_terms(xs, xh, f, pre) if self.training else {"mse": mse(xh, xs)}
+        return SAEOutput(xh / self.input_scale, f, losses, pre)
+
+    @torch.no_grad()
+    def on_step(self, out: SAEOutput, n_tokens: int) -> None:
+        fired = (out.latents > 0).any(0)
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.dead_tokens
+
+    # -- export (SAELens layout) ----------------------------------------------------------------
+    def hparams(self) -> dict:
+        """Architecture hyper-parameters (recorded in saeray.json; ``build(**hparams)`` rebuilds)."""
+        return {}
+
+    def saelens_cfg(self) -> dict:
+        """Architecture-specific SAELens cfg.json fields."""
+        return {}
+
+    @torch.no_grad()
+    def export(self) -> dict[str, Tensor]:
+        """SAELens tensors with the input scale folded in (latent values unchanged)."""
+        c = self.input_scale.float()
+        return {"W_enc": self.W_enc.detach().float() * c, "b_enc": self.b_enc.detach().float().clone(),
+                "W_dec": self.W_dec.detach().float() / c, "b_dec": self.b_dec.detach().float() / c}
+
+    @torch.no_grad()
+    def load_export(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`export` for a module with ``input_scale == 1``."""
+        for name, t in tensors.items():
+            getattr(self, name).copy_(t)
+
+
+def mse(xh: Tensor, x: Tensor) -> Tensor:
+    """Mean over tokens of the squared error summed over d (≈ FVU when E‖x‖² = 1 and x is centred)."""
+    return (xh.float() - x.float()).pow(2).sum(-1).mean()

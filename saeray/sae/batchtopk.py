@@ -1,0 +1,61 @@
+"""BatchTopK SAE (Bussmann, Leask, Nanda 2024, arXiv 2412.06410; bartbussmann/BatchTopK; methods.md §2.4).
+
+Training: over a batch of B tokens keep the B·k largest of the B×width values ReLU(pre), so the
+number of active latents varies per token and averages exactly k. Same AuxK loss as TopK.
+Inference: one global threshold θ replaces the batch dependence, ``f = pre · 1[pre > θ]`` (a
+JumpReLU with a shared θ); θ is an exponential moving average (rate 0.01, SAELens's choice; the
+first batch sets it) of the smallest kept activation per training batch. Saved as a SAELens
+``jumprelu`` SAE with θ broadcast to ``threshold [width]`` (what SAELens does for batchtopk).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import SAEOutput
+from .topk import TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    arch = "batchtopk"
+    saelens_arch = "jumprelu"
+
+    def __init__(self, d_in: int, width: int, k: int = 32, aux_alpha: float = 1 / 32,
+                 k_aux: int | None = None, threshold_rate: float = 0.01):
+        super().__init__(d_in, width, k=k, aux_alpha=aux_alpha, k_aux=k_aux)
+        self.threshold_rate = float(threshold_rate)
+        self.register_buffer("threshold", torch.full((), -1.0))   # < 0: not estimated yet
+
+    def encode_scaled(self, xs: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self.pre_acts(xs)
+        if self.training or self.threshold < 0:
+            acts = pre.relu()
+            flat = acts.flatten()
+            n = min(self.k * acts.shape[0], flat.numel())
+            v, i = flat.topk(n)
+            f = torch.zeros_like(flat).scatter_(0, i, v).view_as(acts)
+            return f, pre
+        return pre * (pre > self.threshold), pre
+
+    @torch.no_grad()
+    def on_step(self, out: SAEOutput, n_tokens: int) -> None:
+        super().on_step(out, n_tokens)
+        pos = out.latents[out.latents > 0]
+        if pos.numel():
+            m = pos.min().float()
+            if self.threshold < 0:
+                self.threshold.copy_(m)
+            else:
+                self.threshold.lerp_(m, self.threshold_rate)
+
+    def hparams(self) -> dict:
+        return {**super().hparams(), "threshold_rate": self.threshold_rate}
+
+    def saelens_cfg(self) -> dict:
+        return {}
+
+    @torch.no_grad()
+    def export(self) -> dict[str, Tensor]:
+        t = super().export()
+        t["threshold"] = self.threshold.float().clamp_min(0).expand(self.width).clone()
+        return t

@@ -1,0 +1,72 @@
+"""Standard SAE metrics (methods.md §6.1, §6.3), computed on held-out activations in raw units.
+
+* MSE: mean over tokens of ‖x − x̂‖² summed over d.
+* FVU: Σ‖x − x̂‖² / Σ‖x − x̄‖² pooled over all tokens (x̄ = mean of the evaluated tokens);
+  explained variance = 1 − FVU.
+* L0: mean number of non-zero latents per token.
+* dead fraction: latents that never fired on the evaluated tokens (eval-time), or, from training,
+  latents that did not fire in the last N tokens (:func:`dead_fraction`).
+* dense fraction: latents firing on more than 10 % of tokens.
+* frequency histogram: counts of log10(firing frequency) in fixed bins; dead latents counted apart.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FREQ_BINS = [-10, -6, -5, -4, -3, -2, -1, 0.0001]   # log10 edges; first bin = "< 1e-6"
+
+
+def fvu(x: Tensor, xh: Tensor) -> float:
+    x, xh = x.double(), xh.double()
+    return float((x - xh).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30))
+
+
+def dead_fraction(tokens_since_fired: Tensor, window: int) -> float:
+    return float((tokens_since_fired >= window).float().mean())
+
+
+def freq_histogram(freq: Tensor) -> dict:
+    f = freq.double().cpu().numpy()
+    dead = int((f == 0).sum())
+    counts, _ = np.histogram(np.log10(f[f > 0]), bins=FREQ_BINS)
+    return {"dead": dead, "log10_edges": FREQ_BINS, "counts": counts.tolist()}
+
+
+@torch.no_grad()
+def evaluate(sae, x: Tensor | np.ndarray, batch_size: int = 4096) -> dict:
+    """Metrics of ``sae`` (any :class:`saeray.sae.base.SAE`) on activations ``x`` [N, d_in]."""
+    was_training = sae.training
+    sae.eval()
+    dev = next(iter(sae.buffers())).device
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float32)
+    n = x.shape[0]
+    sq_err = 0.0
+    s = torch.zeros(x.shape[1], dtype=torch.float64)
+    sq = 0.0
+    l0 = 0.0
+    fires = torch.zeros(sae.width, dtype=torch.float64)
+    for i in range(0, n, batch_size):
+        xb = x[i:i + batch_size].to(dev)
+        out = sae(xb)
+        f = out.latents
+        sq_err += float((xb.double() - out.recon.double()).pow(2).sum())
+        s += xb.double().sum(0).cpu()
+        sq += float(xb.double().pow(2).sum())
+        active = f != 0
+        l0 += float(active.sum())
+        fires += active.sum(0).double().cpu()
+    total_var = sq - float(s.pow(2).sum()) / n
+    freq = fires / n
+    sae.train(was_training)
+    return {
+        "tokens": n,
+        "mse": sq_err / n,
+        "fvu": sq_err / max(total_var, 1e-30),
+        "l0": l0 / n,
+        "dead_frac": float((freq == 0).double().mean()),
+        "dense_frac": float((freq > 0.1).double().mean()),
+        "freq_hist": freq_histogram(freq),
+        "freq": freq,
+    }

@@ -1,0 +1,43 @@
+"""Architectures by name, and one ``build`` that checks the sparsity knob each one needs."""
+from __future__ import annotations
+
+from ..errors import InputError
+from .base import SAE
+from .batchtopk import BatchTopKSAE
+from .gated import GatedSAE
+from .gba import GBASAE
+from .jumprelu import JumpReLUSAE
+from .relu import ReLUSAE
+from .topk import TopKSAE
+
+ARCHS: dict[str, type[SAE]] = {c.arch: c for c in (ReLUSAE, TopKSAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, GBASAE)}
+NEEDS_K = {"topk", "batchtopk"}
+NEEDS_L1 = {"relu", "gated", "jumprelu"}   # jumprelu: the coefficient of its L0 penalty
+
+
+def build(arch: str, d_in: int, width: int, k: int | None = None, l1: float | None = None, **kw) -> SAE:
+    if arch not in ARCHS:
+        raise InputError(f"unknown SAE architecture '{arch}'; valid: {', '.join(ARCHS)}")
+    if d_in < 1 or width < 1:
+        raise InputError(f"d_in={d_in} and width={width} must be positive")
+    if arch in NEEDS_K:
+        if k is None:
+            raise InputError(f"architecture '{arch}' needs k (--k), the number of active latents per token")
+        if not 0 < k <= width:
+            raise InputError(f"k={k} must be between 1 and the width {width}")
+        kw["k"] = int(k)
+    elif k is not None:
+        raise InputError(f"architecture '{arch}' takes no k; k is for {', '.join(sorted(NEEDS_K))}")
+    if arch in NEEDS_L1:
+        if l1 is None:
+            raise InputError(f"architecture '{arch}' needs a sparsity coefficient (--l1)")
+        if l1 < 0:
+            raise InputError(f"l1={l1} must be >= 0")
+        kw["l1"] = float(l1)
+    elif l1 is not None:
+        raise InputError(f"architecture '{arch}' takes no l1 coefficient"
+                         + (" (GBA controls sparsity by bias adaptation)" if arch == "gba" else ""))
+    try:
+        return ARCHS[arch](d_in, width, **kw)
+    except TypeError as e:
+        raise InputError(f"architecture '{arch}': {e}") from None

@@ -1,0 +1,62 @@
+"""TopK SAE with the AuxK dead-latent loss (Gao et al. 2024, "Scaling and evaluating sparse
+autoencoders", arXiv 2406.04093; openai/sparse_autoencoder train.py; methods.md §2.3).
+
+    z = ReLU(TopK_k(W_encᵀ(x − b_dec) + b_enc)),   x̂ = W_decᵀ z + b_dec
+    L = ‖x − x̂‖² + α · ‖e − ê‖² / ‖e − ē‖²,  e = stopgrad(x − x̂),
+    ê = W_decᵀ ReLU(TopK_{k_aux}(pre restricted to dead latents))
+
+A latent is dead when it has not fired for ``dead_tokens`` tokens (paper: 10M; the trainer sets it
+from ``TrainConfig.dead_window_tokens``). α = 1/32. ``k_aux`` defaults to d_in/2 (dictionary_learning's
+reading of App. B.1; the OpenAI release uses 256), capped at the number of dead latents. Decoder rows
+unit-norm with the parallel gradient removed; tied init; b_dec from the geometric median (trainer).
+Our main term is the squared error on inputs scaled to E‖x‖² = 1, which plays the role of the paper's
+normalised MSE.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import SAE, mse
+
+
+def topk_relu(pre: Tensor, k: int) -> Tensor:
+    v, i = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter_(-1, i, v.relu())
+
+
+class TopKSAE(SAE):
+    arch = "topk"
+    saelens_arch = "topk"
+
+    def __init__(self, d_in: int, width: int, k: int = 32, aux_alpha: float = 1 / 32, k_aux: int | None = None):
+        super().__init__(d_in, width)
+        if not 0 < k <= width:
+            raise ValueError(f"k={k} must be in 1..width={width}")
+        self.k, self.aux_alpha = int(k), float(aux_alpha)
+        self.k_aux = int(k_aux) if k_aux else max(1, d_in // 2)
+        self._init_standard()
+
+    def encode_scaled(self, xs: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self.pre_acts(xs)
+        return topk_relu(pre, self.k), pre
+
+    def aux_loss(self, xs: Tensor, xh: Tensor, pre: Tensor) -> Tensor:
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        if n_dead == 0 or self.aux_alpha == 0:
+            return xs.new_zeros((), dtype=torch.float32)
+        e = (xs - xh).detach().float()
+        z = topk_relu(pre.masked_fill(~dead, float("-inf")), min(self.k_aux, n_dead))
+        e_hat = (z @ self.W_dec).float()
+        denom = (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        return self.aux_alpha * torch.nan_to_num((e_hat - e).pow(2).sum(-1).mean() / denom, 0.0)
+
+    def loss_terms(self, xs, xh, f, pre):
+        return {"mse": mse(xh, xs), "auxk": self.aux_loss(xs, xh, pre)}
+
+    def hparams(self) -> dict:
+        return {"k": self.k, "aux_alpha": self.aux_alpha, "k_aux": self.k_aux}
+
+    def saelens_cfg(self) -> dict:
+        return {"k": self.k, "rescale_acts_by_decoder_norm": False}
