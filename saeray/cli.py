@@ -84,6 +84,80 @@ def audit(
 
 # ---- storyworld zoo: zoo build, zoo list -----------------------------------------------------
 
+
+def _zoo_config(tiny: bool):
+    from .storyworld.zoo import ZooConfig
+
+    return ZooConfig.tiny() if tiny else ZooConfig()
+
+
+@zoo_app.command("build")
+def zoo_build(
+    tiny: bool = typer.Option(False, "--tiny", help="the two-model, 64-step test zoo (seconds) instead of the default"),
+    cache: Optional[str] = typer.Option(None, "--cache", help="cache folder (default: $SAERAY_CACHE or ~/.cache/saeray)"),
+    json_out: bool = typer.Option(False, "--json", help="print the zoo summary as one JSON line last"),
+) -> None:
+    """Train the storyworld zoo (GPT-NeoX sizes x log-spaced checkpoints) once; reuse it afterwards.
+
+    Prints the zoo folder last (inside the JSON object with --json)."""
+    import os
+    import time
+
+    # Idle OpenMP threads spin by default; on a shared machine the spinning starves the working
+    # thread (a 4-layer step measured 17x slower). Must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .storyworld.zoo import build_zoo, list_zoo
+
+    cfg = _zoo_config(tiny)
+    t0 = time.perf_counter()
+    path = build_zoo(cfg, progress=True, cache_dir=cache)
+    index = list_zoo(cfg, cache_dir=cache)
+    if json_out:
+        print_json({"path": str(path), "hash": index["hash"], "build_seconds": index["build_seconds"],
+                    "seconds": round(time.perf_counter() - t0, 2), "optimal_loss": index["eval"]["optimal_loss"],
+                    "checkpoint_steps": index["checkpoint_steps"],
+                    "models": {n: m["final"] for n, m in index["models"].items()}})
+    else:
+        for name, m in index["models"].items():
+            f = m["final"]
+            typer.echo(f"{name}: held-out loss {f['heldout_loss']:.3f} (optimal {index['eval']['optimal_loss']:.3f}), "
+                       f"fact acc {f['fact_acc']:.3f}, copy acc {f['copy_acc']:.3f}", err=True)
+        typer.echo(str(path))
+
+
+@zoo_app.command("list")
+def zoo_list(
+    tiny: bool = typer.Option(False, "--tiny", help="list the test zoo"),
+    cache: Optional[str] = typer.Option(None, "--cache", help="cache folder (default: $SAERAY_CACHE or ~/.cache/saeray)"),
+    json_out: bool = typer.Option(False, "--json", help="print the rows as one JSON line last"),
+) -> None:
+    """Models x checkpoints of the built zoo with held-out loss and fact / copy accuracy."""
+    from .storyworld.zoo import is_built, summary_rows, zoo_path
+
+    cfg = _zoo_config(tiny)
+    if not is_built(cfg, cache):
+        cmd = "saeray zoo build" + (" --tiny" if tiny else "") + (f" --cache {cache}" if cache else "")
+        raise SaerayError(f"the storyworld zoo is not built yet (expected {zoo_path(cfg, cache)}); run `{cmd}` first")
+    from .storyworld.zoo import list_zoo
+
+    index = list_zoo(cfg, cache_dir=cache)
+    rows = summary_rows(index)
+    if json_out:
+        print_json({"path": index["path"], "hash": index["hash"], "optimal_loss": index["eval"]["optimal_loss"],
+                    "rows": rows})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"storyworld zoo {index['hash']} (optimal held-out loss {index['eval']['optimal_loss']:.3f})")
+    for col in ("model", "revision", "params", "held-out loss", "excess", "fact acc", "copy acc"):
+        table.add_column(col, justify="left" if col in ("model", "revision") else "right")
+    for r in rows:
+        table.add_row(r["model"], r["revision"], f"{r['params']:,}", f"{r['heldout_loss']:.3f}",
+                      f"{r['excess_loss']:.3f}", f"{r['fact_acc']:.3f}", f"{r['copy_acc']:.3f}")
+    Console(width=120).print(table)
+    typer.echo(index["path"])
+
 # ---- harvest ---------------------------------------------------------------------------------
 
 
