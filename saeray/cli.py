@@ -183,6 +183,35 @@ def harvest(
     else:
         typer.echo(f"activations: {ctx.store.url_of('acts')} ({out.get('rows')} rows per hook point)")
 
+
+@bench_app.command("harvest")
+def bench_harvest(
+    models: str = typer.Option("storyworld,gpt2", "--models", help="comma list of storyworld, gpt2"),
+    docs: int = typer.Option(768, "--docs", min=1, help="documents for the storyworld-shaped model"),
+    gpt2_docs: int = typer.Option(64, "--gpt2-docs", min=1, help="documents for the GPT-2-small-shaped model"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="contexts per batch, storyworld model (a, b, c alike)"),
+    gpt2_batch_size: int = typer.Option(8, "--gpt2-batch-size", min=1, help="contexts per batch, GPT-2-small shape"),
+    context_len: int = typer.Option(128, "--context-len", min=2),
+    threads: int = typer.Option(2, "--threads", min=1, help="torch threads for (a) and for the shard actor"),
+    s3: bool = typer.Option(True, "--s3/--no-s3", help="(c): harvest to S3 on a moto server on 127.0.0.1"),
+    memory_docs: int = typer.Option(256, "--memory-docs", min=0, help="N for the driver-RSS check (N vs 10N); 0 skips"),
+    workdir: Optional[str] = typer.Option(None, "--workdir", help="keep models and outputs here (default: temporary)"),
+    json_out: bool = typer.Option(False, "--json", help="print the figures as one JSON line last"),
+) -> None:
+    """Harvest speed vs the bare forward pass (local folder and S3), bytes/token, MB/s, driver RSS."""
+    from .bench.harvest import MODELS, HarvestBenchConfig, render, run_bench
+
+    kinds = tuple(m.strip() for m in models.split(",") if m.strip())
+    bad = [m for m in kinds if m not in MODELS]
+    if bad or not kinds:
+        raise InputError(f"--models: unknown model {bad[0] if bad else '(none)'!r}; use a comma list of {', '.join(MODELS)}")
+    cfg = HarvestBenchConfig(models=kinds, docs=docs, gpt2_docs=gpt2_docs, batch_size=batch_size, gpt2_batch_size=gpt2_batch_size,
+                             context_len=context_len, threads=threads, s3=s3, memory_docs=memory_docs, workdir=workdir)
+    res = run_bench(cfg, state.address)
+    typer.echo(render(res))
+    if json_out:
+        print_json(res)
+
 # ---- SAE training: train, bench recovery, bench train ----------------------------------------
 
 

@@ -151,12 +151,18 @@ def run_harvest(spec, run: Store, manifest: Manifest, revision: str | None = Non
         if n >= MAX_ATTEMPTS:
             raise SaerayError(f"harvest unit {unit} failed {n} times; last error: {err}") from err
         log.warning(f"harvest unit {unit} attempt {attempt} failed ({type(err).__name__}: {str(err)[:200]}); retrying")
+        if _actor_trouble(err):
+            # a dead actor is being restarted (model reload: seconds, more on a loaded machine);
+            # retrying before it answers again fails at once and would use up every attempt
+            _wait_alive([a for pp in pipes for a in pp.actors])
         todo.appendleft((int(unit), n))
         for pipe in pipes:
             if pipe.cur is not None and pipe.cur[:2] == (unit, attempt):
                 pipe.cur = None
 
     t0 = time.perf_counter()
+    t_first: float | None = None
+    tokens_first = 0
     with progress("harvest", total=total_ctx, unit="ctx") as bar:
         while todo or any(pp.inflight or pp.cur for pp in pipes) or finishing:
             # feed every pipeline up to its in-flight limit
@@ -215,6 +221,8 @@ def run_harvest(spec, run: Store, manifest: Manifest, revision: str | None = Non
                             try:
                                 ray.get(ref)
                                 tokens += rows[1]
+                                if t_first is None:  # start of the steady state: actors up, model loaded
+                                    t_first, tokens_first = time.perf_counter(), tokens
                                 bar.advance(rows[0], tok=tokens, tok_per_s=round(tokens / (time.perf_counter() - t0)))
                             except Exception as e:  # noqa: BLE001
                                 fail(unit, att, e)
@@ -222,13 +230,44 @@ def run_harvest(spec, run: Store, manifest: Manifest, revision: str | None = Non
                 else:
                     continue
                 break
+    t_end = time.perf_counter()
     for pipe in pipes:
         for a in pipe.actors:
             ray.kill(a)
     out = _totals(sec)
-    out["loop_wall_s"] = round(time.perf_counter() - t0, 2)
+    out["loop_wall_s"] = round(t_end - t0, 2)
     out["tokens_per_s"] = round(tokens / max(out["loop_wall_s"], 1e-9), 1)
+    out["tokens"] = tokens  # harvested by this call (a resumed run counts only what it did)
+    if t_first is not None:
+        # after the first batch came back: excludes actor start-up and model loading, a fixed cost
+        out["first_batch_s"] = round(t_first - t0, 3)
+        out["steady_wall_s"] = round(t_end - t_first, 3)
+        out["steady_tokens_per_s"] = round((tokens - tokens_first) / max(out["steady_wall_s"], 1e-9), 1)
     return out
+
+
+def _actor_trouble(err: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+
+    return isinstance(err, RayActorError) or isinstance(getattr(err, "cause", None), RayActorError)
+
+
+def _wait_alive(actors: list, timeout_s: float = 300.0) -> None:
+    """Block until every actor answers (restarted ones included); fail if one is gone for good."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get([a.pid.remote() for a in actors], timeout=max(1.0, deadline - time.monotonic()))
+            return
+        except ActorDiedError as e:
+            raise SaerayError(f"a harvest shard actor died and could not be restarted: {e}") from e
+        except (ActorUnavailableError, GetTimeoutError) as e:
+            if time.monotonic() > deadline:
+                raise SaerayError(f"harvest shard actors did not come back within {timeout_s:.0f} s: {e}") from e
+            time.sleep(0.5)
 
 
 def _record(manifest: Manifest, sec: dict, unit: str, parts: list[dict], rows: int, hookpoints: list[str]) -> None:

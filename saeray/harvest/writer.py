@@ -69,7 +69,12 @@ class UnitWriter:
             hf = _Hashing(f)
             sch = schema(self.widths[hp], self.dtype, {**self.meta, "hookpoint": hp, "d": self.widths[hp],
                                                         "dtype": self.dtype, "unit": self.unit})
-            self._w[hp] = (pq.ParquetWriter(hf, sch, compression=self.compression), hf)
+            # Dictionary encoding and min/max statistics only for the small integer columns: on the act
+            # column they cost ~4x the write time (pyarrow tries a dictionary of float16 values and
+            # computes statistics over every element) and gain nothing, since nobody filters on them.
+            small = ["doc", "pos", "token"]
+            self._w[hp] = (pq.ParquetWriter(hf, sch, compression=self.compression, use_dictionary=small,
+                                            write_statistics=small), hf)
         return self._w[hp]
 
     def add(self, hp: str, doc: np.ndarray, pos: np.ndarray, token: np.ndarray, act: np.ndarray) -> None:
