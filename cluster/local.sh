@@ -38,6 +38,7 @@ case "${1:-}" in
       if python3 - "$dport" <<'PY' 2>/dev/null; then echo "head up: http://127.0.0.1:$dport (pid $(cat "$pidfile"))"; exit 0; fi
 import sys, urllib.request
 urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/version", timeout=1)
+urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/jobs/", timeout=2)  # the job server, not only the dashboard
 PY
       sleep 0.5
     done

@@ -97,5 +97,22 @@ def store_url(request, tmp_path):
     return request.getfixturevalue("s3_url")
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A random-init 4-layer GPT-NeoX with the storyworld tokenizer (no zoo build needed)."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from saeray.storyworld.tokenizer import save_tokenizer, vocab_size
+
+    path = tmp_path_factory.mktemp("model") / "neox"
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=vocab_size(), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    GPTNeoXForCausalLM(cfg).save_pretrained(path)
+    save_tokenizer(path)
+    return str(path)
+
+
 def has(cmd: str) -> bool:
     return shutil.which(cmd) is not None

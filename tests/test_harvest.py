@@ -26,23 +26,6 @@ from saeray.spec import parse_spec
 from saeray.store import Store
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A random-init 4-layer GPT-NeoX with the storyworld tokenizer (no zoo build needed)."""
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from saeray.storyworld.tokenizer import save_tokenizer, vocab_size
-
-    path = tmp_path_factory.mktemp("model") / "neox"
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=vocab_size(), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128)
-    GPTNeoXForCausalLM(cfg).save_pretrained(path)
-    save_tokenizer(path)
-    return str(path)
-
-
 def make_spec(model: str, store: str, name: str = "h", **over) -> object:
     harvest = {"batch_size": 16, "unit_contexts": 32, "stages": 1, **over.pop("harvest", {})}
     corpus = {"n_docs": 96, "context_len": 64, **over.pop("corpus", {})}
