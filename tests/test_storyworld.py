@@ -252,6 +252,7 @@ def test_tokenizer_round_trip(tmp_path, docs):
 # ---- the true next-token distribution and the optimal loss ----------------------------------------------------
 
 def test_truth_is_consistent_with_labels(docs):
+    final_post = []
     for d in docs[:40]:
         tr = next_token_truth(d)
         n = len(d.tokens)
@@ -262,9 +263,10 @@ def test_truth_is_consistent_with_labels(docs):
         for p in np.flatnonzero(d.labels["is_fact_answer"] | d.labels["is_copy_target"]):
             assert tr.determined[p - 1] and tr.argmax[p - 1] == d.tokens[p]
             assert tr.p_next[p - 1] == pytest.approx(1.0)
-        # the topic posterior concentrates on the true topic as the document goes on
         assert tr.topic_posterior[0] == pytest.approx(1 / len(TOPICS))
-        assert tr.topic_posterior[-1] > 0.5
+        final_post.append(tr.topic_posterior[-1])
+    # the topic posterior concentrates on the true topic as the document goes on
+    assert np.mean(final_post) > 0.7 and np.mean(np.array(final_post) > 1 / len(TOPICS)) > 0.9
 
 
 def test_truth_matches_sampling_frequencies():

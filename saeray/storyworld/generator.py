@@ -143,11 +143,11 @@ TOPIC_BOOST: dict[str, dict[str, float]] = {
     "clinic": {"hurt": 6, "meet": 2, "say": 1.5},
 }
 # Sentence-initial word groups.
-START_WEIGHT = {"name": 0.62, "the": 0.18, "at": 0.08, "code": 0.08, "a": 0.06}
+START_WEIGHT = {"name": 0.62, "the": 0.18, "at": 0.08, "code": 0.22, "a": 0.10}
 # Kinds allowed inside a quotation (no nested quotes, lists, counting, codes or guests).
 INNER_KINDS = {"fact:home", "fact:job", "fact:pet", "travel", "eat", "buy", "see", "play", "hurt", "use",
                "meet", "describe"}
-MAX_PER_DOC = {"say": 2, "count": 1, "pack": 1, "code_recall": 2, "guest": 2}
+MAX_PER_DOC = {"say": 2, "count": 1, "pack": 1, "code_recall": 4, "guest": 3}
 FACT_TEMPLATES = {  # documented in docs/storyworld.md; used by tests to recognise every statement
     "home": ("{p} lives in {a}", "the home of {p} is {a}"),
     "job": ("{p} works as a {a}", "{p} is a {a}", "the job of {p} is {a}"),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 
-LANGUAGE_VERSION = "storyworld-1"
+LANGUAGE_VERSION = "storyworld-2"
 WORLD_SEED = 20240611
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
