@@ -38,9 +38,13 @@ def open_run(spec: AuditSpec, store_url: str | None = None) -> RunContext:
 
 
 def _stages() -> list[tuple[str, Callable[[RunContext], dict]]]:
+    from .evaluate.run import evaluate_stage
     from .harvest.run import harvest_stage
+    from .report.html import report_stage
+    from .train.launch import train_stage
 
-    return [("harvest", harvest_stage)]
+    return [("harvest", harvest_stage), ("train", train_stage), ("evaluate", evaluate_stage),
+            ("report", report_stage)]
 
 
 def run_stage(ctx: RunContext, name: str, fn: Callable[[RunContext], dict]) -> dict:
@@ -67,11 +71,13 @@ def run_audit(spec: AuditSpec, store_url: str | None = None, address: str | None
     t0 = time.perf_counter()
     for name, fn in _stages():
         run_stage(ctx, name, fn)
-    stage_times = {n: s.get("wall_s") for n, s in ctx.manifest.data["stages"].items()}
-    summary = {"run": spec.name, "store": ctx.store.url, "stage_wall_s": stage_times,
-               "total_wall_s": round(time.perf_counter() - t0, 2)}
+    from .report.summary import build_summary
+
+    summary = build_summary(ctx.manifest.data, ctx.store.url)
+    summary["total_wall_s"] = round(time.perf_counter() - t0, 2)
     ctx.store.write_json("report/summary.json", summary)
-    summary["report"] = ctx.store.url_of("report/summary.json")
-    for n, t in stage_times.items():
+    summary["report"] = ctx.store.url_of("report/index.html")
+    summary["summary"] = ctx.store.url_of("report/summary.json")
+    for n, t in summary["stage_wall_s"].items():
         log.info(f"{n}: {t} s")
     return summary

@@ -83,8 +83,18 @@ class SAEVariant(_Strict):
 
     @model_validator(mode="after")
     def _needs(self) -> "SAEVariant":
-        if self.arch in ("topk", "batchtopk") and self.k is None:
+        from .sae.registry import NEEDS_K, NEEDS_L1
+
+        if self.arch in NEEDS_K and self.k is None:
             raise ValueError(f"arch '{self.arch}' needs k (active latents per token), e.g. k: 32")
+        if self.arch not in NEEDS_K and self.k is not None:
+            raise ValueError(f"arch '{self.arch}' takes no k; k is for {', '.join(sorted(NEEDS_K))}")
+        if self.arch in NEEDS_L1 and self.l1 is None:
+            raise ValueError(f"arch '{self.arch}' needs l1 (its sparsity coefficient), e.g. l1: 5.0")
+        if self.arch not in NEEDS_L1 and self.l1 is not None:
+            raise ValueError(f"arch '{self.arch}' takes no l1; l1 is for {', '.join(sorted(NEEDS_L1))}")
+        if self.k is not None and self.k > self.width:
+            raise ValueError(f"k={self.k} is larger than width={self.width}")
         return self
 
 
@@ -105,7 +115,8 @@ class SAESpec(_Strict):
 class EvaluationSpec(_Strict):
     ce_loss: bool = True
     concepts: bool = True
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="held-out contexts per batch")
+    pipelines: int = Field(1, ge=1, description="model pipelines evaluating side by side (hook points spread over them)")
 
 
 class StoreSpec(_Strict):

@@ -46,6 +46,7 @@ class Plan:
     per_stage: list[list[str]]
     n_layers: int
     d_model: int
+    n_heads: int = 0
 
 
 def plan(spec, revision: str | None) -> Plan:
@@ -64,7 +65,7 @@ def plan(spec, revision: str | None) -> Plan:
     ranges = check_boundaries(even_boundaries(arch.n_layers, spec.harvest.stages), arch.n_layers)
     per_stage = route(names, ranges, arch.n_layers, arch.n_heads)
     widths = {hp.name: hooks.width(arch, hp) for hp in points}
-    return Plan(ref, names, widths, ranges, per_stage, arch.n_layers, arch.d_model)
+    return Plan(ref, names, widths, ranges, per_stage, arch.n_layers, arch.d_model, arch.n_heads)
 
 
 def harvest_key(spec, p: Plan) -> dict:

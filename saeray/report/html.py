@@ -1,0 +1,96 @@
+"""``<run>/report/index.html``: one self-contained page (plots inlined as PNG data URIs) with the
+SAE table, the trade-off plots and, on storyworld runs, the best latent per planted concept.
+
+Every string that came from a model, a spec or a file (hook point names, concept names, paths) is
+escaped with :func:`html.escape`; nothing user-controlled is ever inserted as markup."""
+from __future__ import annotations
+
+import base64
+import html
+import math
+
+from .plots import tradeoff_png
+
+COLUMNS = (("hookpoint", "hook point"), ("arch", "arch"), ("width", "width"), ("k", "k"), ("l1", "l1"),
+           ("l0", "L0"), ("fvu", "FVU"), ("ce_loss_recovered", "CE recovered"), ("kl", "KL"),
+           ("dead_frac", "dead"), ("concepts_f1_0.8", "concepts F1≥0.8"), ("mean_best_f1", "mean best F1"))
+
+CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}td.l{text-align:left}img{max-width:100%;margin:0.5em 0}.muted{color:#777}"""
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list], left: int = 1) -> str:
+    h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = []
+    for r in rows:
+        cells = "".join(f'<td{" class=l" if i < left else ""}>{html.escape(_fmt(v))}</td>' for i, v in enumerate(r))
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table><tr>{h}</tr>{''.join(body)}</table>"
+
+
+def _img(png: bytes | None, alt: str) -> str:
+    if not png:
+        return ""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def render(summary: dict, eval_detail: dict | None = None) -> tuple[str, dict[str, bytes]]:
+    """The page and the PNGs (also written next to it, for people who want the files)."""
+    rows = summary["saes"]
+    pngs = {}
+    p1 = tradeoff_png(rows, "fvu", "FVU (1 − explained variance)", "Sparsity vs reconstruction")
+    p2 = tradeoff_png(rows, "ce_loss_recovered", "CE loss recovered", "Sparsity vs downstream fidelity")
+    if p1:
+        pngs["l0_vs_fvu.png"] = p1
+    if p2:
+        pngs["l0_vs_ce_loss_recovered.png"] = p2
+    parts = [f"<!doctype html><meta charset=utf-8><title>saeray audit: {html.escape(summary['run'])}</title>",
+             f"<style>{CSS}</style>", f"<h1>saeray audit: {html.escape(summary['run'])}</h1>",
+             f"<p>model <b>{html.escape(_fmt(summary.get('model')))}</b> revision "
+             f"{html.escape(_fmt(summary.get('revision')))}; {html.escape(_fmt(summary.get('harvest_rows')))} "
+             f"harvested tokens per hook point; clean held-out loss {html.escape(_fmt(summary.get('loss_clean')))}</p>",
+             "<h2>Stage times (s)</h2>",
+             _table(["stage", "wall s"], [[k, v] for k, v in summary.get("stage_wall_s", {}).items()]),
+             "<h2>SAEs</h2>",
+             _table([c[1] for c in COLUMNS], [[r.get(k) for k, _ in COLUMNS] for r in rows], left=2),
+             "<p class=muted>L0, FVU, dead: on held-out tokens. CE recovered = (L_zero − L_sae)/(L_zero − L_clean), "
+             "zero-ablation reference. KL: mean per-token KL(clean ‖ spliced).</p>",
+             "<h2>Trade-offs</h2>", _img(p1, "L0 vs FVU"), _img(p2, "L0 vs CE loss recovered")]
+    if eval_detail and eval_detail.get("concept_names"):
+        names = eval_detail["concept_names"]
+        parts.append("<h2>Planted concepts: best single latent (F1 / AUROC)</h2>")
+        header = ["concept"]
+        cols = []
+        for hp, d in eval_detail["saes"].items():
+            for n, r in d.items():
+                if "concepts" in r:
+                    header.append(f"{hp} {n}")
+                    cols.append(r["concepts"])
+        table_rows = [[c] + [f"{col[c]['f1']:.2f} / {col[c]['auroc']:.2f}" if c in col else None for col in cols]
+                      for c in names]
+        parts.append(_table(header, table_rows))
+    parts.append("<p class=muted>Files: summary.json (this table), eval.json (per-concept detail).</p>")
+    return "\n".join(parts), pngs
+
+
+def report_stage(ctx) -> dict:
+    from .summary import build_summary
+
+    run = ctx.store
+    summary = build_summary(ctx.manifest.data, run.url)
+    detail = run.read_json("report/eval.json") if run.exists("report/eval.json") else None
+    page, pngs = render(summary, detail)
+    for name, data in pngs.items():
+        run.write_bytes(f"report/{name}", data)
+    run.write_bytes("report/index.html", page.encode())
+    run.write_json("report/summary.json", summary)
+    return {"saes": len(summary["saes"]), "plots": sorted(pngs)}
