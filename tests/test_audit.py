@@ -1,0 +1,216 @@
+"""The audit end to end on a real local Ray (tiny random GPT-NeoX with the storyworld tokenizer):
+harvest -> train (Ray Train, one run per hook point) -> evaluate inside the model -> report;
+re-runs skip finished work; a killed training worker resumes from its checkpoint; CE loss
+recovered is 1 for an SAE that reconstructs exactly and 0 for one that outputs zeros."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from saeray.audit import open_run, run_audit, run_stage
+from saeray.evaluate.concepts import ConceptScorer, auroc
+from saeray.manifest import Manifest
+from saeray.spec import parse_spec
+
+
+def make_spec(model: str, store: str, name: str = "aud", **over):
+    d = {"name": name, "model": {"name": model},
+         "corpus": {"n_docs": 64, "context_len": 64, "heldout_docs": 32, **over.pop("corpus", {})},
+         "hookpoints": over.pop("hookpoints", ["resid_post.1", "resid_post.3"]),
+         "harvest": {"batch_size": 16, "unit_contexts": 32},
+         "sae": {"architectures": over.pop("architectures", [{"arch": "topk", "width": 64, "k": 4},
+                                                             {"arch": "relu", "width": 64, "l1": 1.0}]),
+                 "train": {"tokens": 6000, "batch_size": 200, "checkpoint_every": 5, **over.pop("train", {})}},
+         "evaluation": {"pipelines": 2, "batch_size": 16},
+         "store": store,
+         "resources": {"harvest": {"num_cpus": 0.5}, "train": {"num_cpus": 0.5}, "eval": {"num_cpus": 0.5}}}
+    return parse_spec(json.dumps(d))
+
+
+def test_audit_end_to_end_and_rerun_skips(ray_local, tiny_model, tmp_path):
+    spec = make_spec(tiny_model, str(tmp_path / "store"))
+    summary = run_audit(spec)
+    run = tmp_path / "store" / "aud"
+    on_disk = json.loads((run / "report" / "summary.json").read_text())
+    assert len(on_disk["saes"]) == 4
+    for row in on_disk["saes"]:
+        for k in ("hookpoint", "arch", "width", "l0", "fvu", "ce_loss_recovered", "kl", "dead_frac",
+                  "concepts_f1_0.8", "path"):
+            assert k in row and row[k] is not None, k
+        assert (run / "saes" / row["hookpoint"] / row["name"] / "sae_weights.safetensors").is_file()
+        assert 0 <= row["dead_frac"] <= 1 and row["kl"] >= 0 and row["fvu"] >= 0
+        if row["arch"] == "topk":
+            assert row["l0"] == pytest.approx(4.0)
+        assert row["n_concepts"] >= 8    # storyworld labels scored
+    assert set(on_disk["stage_wall_s"]) == {"harvest", "train", "evaluate", "report"}
+    html = (run / "report" / "index.html").read_text()
+    assert "resid_post.3" in html and "data:image/png;base64," in html
+    assert (run / "report" / "l0_vs_fvu.png").stat().st_size > 1000
+    assert summary["report"].endswith("report/index.html")
+    # the saved SAEs load back and match the evaluation's FVU order of magnitude
+    from saeray.sae import load
+
+    sae = load(on_disk["saes"][0]["path"])
+    assert sae.d_in == 32
+    # a second run over a finished audit: everything skipped, nothing retrained
+    mtime = (run / "saes" / "resid_post.1" / "topk-w64-k4" / "sae_weights.safetensors").stat().st_mtime
+    t0 = time.monotonic()
+    run_audit(spec)
+    assert time.monotonic() - t0 < 15
+    assert (run / "saes" / "resid_post.1" / "topk-w64-k4" / "sae_weights.safetensors").stat().st_mtime == mtime
+
+
+def _exact_and_null_saes(run_store, hp: str, d: int):
+    """Write two hand-built SAEs into the run: one reconstructs x exactly (W_dec = [I; -I] on
+    relu(±x)), one outputs zeros; record them as the trained SAEs of ``hp``."""
+    from saeray.sae import io
+    from saeray.sae.relu import ReLUSAE
+
+    exact = ReLUSAE(d, 2 * d, l1=0.0)
+    null = ReLUSAE(d, 2 * d, l1=0.0)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        for s in (exact, null):
+            s.b_enc.zero_()
+            s.b_dec.zero_()
+            s.W_enc.copy_(torch.cat([eye, -eye], 1))
+        exact.W_dec.copy_(torch.cat([eye, -eye], 0))
+        null.W_dec.zero_()
+    out = {}
+    for name, s in (("exact", exact), ("null", null)):
+        url = io.save(s, run_store / f"saes/{hp}/{name}", hook_name=hp)
+        out[name] = {"path": url, "arch": "relu", "width": 2 * d, "k": None, "l1": 0.0, "tokens": 0,
+                     "tokens_per_s": None, "train_sample": {}}
+    return out
+
+
+def test_ce_loss_recovered_is_one_for_exact_and_zero_for_null(ray_local, tiny_model, tmp_path):
+    from saeray.evaluate.run import run_evaluate
+    from saeray.harvest.run import run_harvest
+
+    spec = make_spec(tiny_model, str(tmp_path / "store"), name="ce", hookpoints=["resid_post.2"])
+    ctx = open_run(spec)
+    run_harvest(ctx.resolved, ctx.store, ctx.manifest)
+    ctx.manifest.section("train")["units"] = {"resid_post.2": {"saes": _exact_and_null_saes(ctx.store, "resid_post.2", 32)}}
+    run_evaluate(ctx.resolved, ctx.store, ctx.manifest)
+    ev = Manifest.load(ctx.store).data["evaluate"]["saes"]["resid_post.2"]
+    assert ev["exact"]["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert ev["exact"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert ev["exact"]["fvu"] == pytest.approx(0.0, abs=1e-6)
+    assert ev["exact"]["l0"] == pytest.approx(32.0)            # relu(x) or relu(-x): one of each pair fires
+    assert ev["null"]["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-4)
+    assert ev["null"]["loss_sae"] == pytest.approx(ev["null"]["loss_zero"], abs=1e-6)
+    assert ev["exact"]["loss_zero"] != pytest.approx(ev["exact"]["loss_clean"], abs=1e-4)  # ablation matters
+
+
+def _train_worker_pids() -> list[int]:
+    import psutil
+
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in p.cmdline()):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_training_worker_killed_resumes_from_checkpoint(ray_local, tiny_model, tmp_path):
+    from saeray.harvest.run import harvest_stage
+    from saeray.train.launch import train_stage
+
+    kw = dict(hookpoints=["resid_post.2"], architectures=[{"arch": "topk", "width": 64, "k": 4}],
+              train={"tokens": 200_000, "batch_size": 100, "checkpoint_every": 50})
+    # the uninterrupted reference
+    ref = open_run(make_spec(tiny_model, str(tmp_path / "ref"), name="ref", **kw))
+    run_stage(ref, "harvest", harvest_stage)
+    run_stage(ref, "train", train_stage)
+    # the same run, with its training worker SIGKILLed once a checkpoint exists
+    ctx = open_run(make_spec(tiny_model, str(tmp_path / "kill"), name="kill", **kw))
+    run_stage(ctx, "harvest", harvest_stage)
+    ckpt = ctx.store / "saes/resid_post.2/_checkpoint"
+    result: dict = {}
+
+    def target():
+        try:
+            result["out"] = run_stage(ctx, "train", train_stage)
+        except BaseException as e:  # noqa: BLE001
+            result["err"] = e
+
+    before = set(_train_worker_pids())
+    th = threading.Thread(target=target)
+    th.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and th.is_alive():
+        pids = [p for p in _train_worker_pids() if p not in before]
+        if pids and ckpt.exists("checkpoint.pt"):
+            steps_at_kill = torch.load(ckpt.path("checkpoint.pt"), weights_only=False)["steps"]
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.1)
+    th.join(600)
+    assert killed is not None, "the worker must be killed mid-run for this test to mean anything"
+    assert 0 < steps_at_kill < 2000
+    assert "err" not in result, result.get("err")
+    from saeray.sae import load
+
+    a = load(ref.store.url_of("saes/resid_post.2/topk-w64-k4"))
+    b = load(ctx.store.url_of("saes/resid_post.2/topk-w64-k4"))
+    x = torch.randn(256, 32)
+    # exact resume: same stream, same optimiser and RNG state -> the same SAE as without the crash
+    torch.testing.assert_close(b(x).recon, a(x).recon, atol=1e-5, rtol=1e-4)
+
+
+def test_concept_scorer_finds_the_planted_latent_and_exact_auroc():
+    rng = np.random.default_rng(0)
+    n, w = 4000, 50
+    y = rng.random((n, 3)) < np.array([0.05, 0.2, 0.5])
+    lat = np.abs(rng.normal(size=(n, w))) * (rng.random((n, w)) < 0.1)
+    lat[:, 7] = y[:, 0] * (1 + rng.random(n))          # latent 7 fires exactly on concept 0
+    lat[:, 13] = (y[:, 1] | (rng.random(n) < 0.02)) * 1.0   # latent 13 is a noisy detector of concept 1
+    sc = ConceptScorer(w, 3)
+    for i in range(0, n, 512):
+        sc.add_counts(torch.tensor(lat[i:i + 512]), torch.tensor(y[i:i + 512]))
+    sc.choose()
+    for i in range(0, n, 512):
+        sc.add_values(torch.tensor(lat[i:i + 512]), torch.tensor(y[i:i + 512]))
+    r = sc.result(["c0", "c1", "c2"])
+    assert r["concepts"]["c0"]["latent"] == 7 and r["concepts"]["c0"]["f1"] == pytest.approx(1.0)
+    assert r["concepts"]["c0"]["auroc"] == pytest.approx(1.0)
+    assert r["concepts"]["c1"]["latent"] == 13 and 0.8 < r["concepts"]["c1"]["f1"] < 1.0
+    assert r["concepts_f1_0.8"] == 2
+    # AUROC against the pairwise definition
+    s, yy = rng.normal(size=300).round(1), rng.random(300) < 0.3
+    pairs = np.mean([(a > b) + 0.5 * (a == b) for a in s[yy] for b in s[~yy]])
+    assert auroc(s, yy) == pytest.approx(pairs)
+
+
+def test_storyworld_concepts_align_with_tokens():
+    from saeray.evaluate.concepts import storyworld_concepts
+    from saeray.harvest.corpus import Corpus
+    from saeray.spec import CorpusSpec
+    from saeray.storyworld.generator import generate_doc
+    from saeray.storyworld.tokenizer import build_tokenizer
+    from saeray.storyworld.vocab import CATEGORIES
+
+    c = Corpus(CorpusSpec(n_docs=1, context_len=64, heldout_docs=24), build_tokenizer()).heldout()
+    names, Y = storyworld_concepts(c, seed=0)
+    assert Y.shape == (int(c.keep.sum()), len(names))
+    tok = build_tokenizer()
+    words = tok.convert_ids_to_tokens(c.ids[c.keep].tolist())
+    for cat in ("name", "number"):
+        j = names.index(f"category={cat}")
+        got = {w for w, f in zip(words, Y[:, j]) if f}
+        assert got and got <= set(CATEGORIES[cat])
+    assert generate_doc(0, 0, "heldout").words[0] == words[0]   # row 0 = doc 0, pos 1 (BOS dropped)
