@@ -215,6 +215,70 @@ def bench_harvest(
 # ---- SAE training: train, bench recovery, bench train ----------------------------------------
 
 
+@app.command()
+def train(
+    activations: str = typer.Option(..., "--activations", help="hook-point dataset URL, or any folder of Parquet files with a fixed-size-list 'act' column"),
+    arch: str = typer.Option(..., "--arch", help="relu, topk, batchtopk, gated, jumprelu or gba"),
+    width: int = typer.Option(..., "--width", help="number of latents"),
+    out: str = typer.Option(..., "--out", help="output folder URL (SAELens layout; a checkpoint there is resumed)"),
+    k: Optional[int] = typer.Option(None, "--k", help="active latents per token (topk, batchtopk)"),
+    l1: Optional[float] = typer.Option(None, "--l1", help="sparsity coefficient (relu, gated: L1; jumprelu: L0)"),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="training tokens (default: one pass over the data)"),
+    batch_size: int = typer.Option(1024, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)"),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="steps between checkpoints"),
+    json_out: bool = typer.Option(False, "--json", help="print the result as one JSON line last"),
+) -> None:
+    """Train one SAE on stored activations; print the output path and final metrics."""
+    from .sae.run import train_on_activations
+
+    if tokens is not None and tokens < 1:
+        raise InputError(f"--tokens {tokens} must be positive")
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size} must be positive")
+    res = train_on_activations(activations, arch, width, out, k=k, l1=l1, tokens=tokens, batch_size=batch_size,
+                               lr=lr, seed=seed, device=device, checkpoint_every=checkpoint_every)
+    m = res["metrics"]
+    if json_out:
+        print_json(res)
+    else:
+        typer.echo(f"saved: {res['out']}")
+        typer.echo(f"fvu={m['fvu']:.4f} mse={m['mse']:.4g} l0={m['l0']:.2f} dead={m['dead_frac']:.3f} dense={m['dense_frac']:.3f}")
+
+
+@bench_app.command("recovery")
+def bench_recovery(
+    out: str = typer.Option("./runs/bench/recovery", "--out", help="folder for recovery.json and recovery.png"),
+    tokens: int = typer.Option(600_000, "--tokens", help="training tokens per SAE"),
+    seeds: int = typer.Option(2, "--seeds", help="seeds per architecture (>= 2 gives cross-seed consistency)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Feature recovery of every architecture on planted synthetic features (GBA paper's model)."""
+    from .bench.recovery import format_table, run_recovery
+
+    res = run_recovery(out, tokens=tokens, seeds=seeds)
+    typer.echo(format_table(res))
+    if json_out:
+        print_json(res)
+
+
+@bench_app.command("train")
+def bench_train(
+    seconds: float = typer.Option(3.0, "--seconds", help="measuring time per configuration"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """SAE training tokens/s (d=768, width 16384, TopK k=32 and ReLU) on CPU and CUDA if present."""
+    from .bench.train_speed import format_table, run_train_speed
+
+    res = run_train_speed(seconds=seconds)
+    typer.echo(format_table(res))
+    if json_out:
+        print_json(res)
+
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

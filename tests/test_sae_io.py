@@ -14,7 +14,7 @@ from saeray.errors import InputError
 from saeray.sae import ARCHS, build, load, save
 from saeray.sae.registry import NEEDS_K, NEEDS_L1
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 DOC = Path(__file__).resolve().parents[1] / "docs" / "sae-format.md"
 D, W = 12, 40
 

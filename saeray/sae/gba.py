@@ -48,7 +48,8 @@ class GBASAE(SAE):
     saelens_arch = "standard"
 
     def __init__(self, d_in: int, width: int, groups: int = 10, htf: float = 0.1, ltf: float = 1e-3,
-                 gamma_up: float = 0.01, gamma_down: float = 0.01, every: int = 50, eps: float = 1e-6):
+                 gamma_up: float = 0.01, gamma_down: float = 0.01, every: int = 50, eps: float = 1e-6,
+                 train_b_pre: bool = False):
         super().__init__(d_in, width)
         if groups < 1 or groups > width:
             raise ValueError(f"groups={groups} must be in 1..width={width}")
@@ -57,7 +58,8 @@ class GBASAE(SAE):
         W = torch.randn(width, d_in)
         self.W = nn.Parameter(W / W.norm(dim=1, keepdim=True))
         self.a = nn.Parameter(torch.ones(width))
-        self.b_pre = nn.Parameter(torch.zeros(d_in))
+        self.train_b_pre = bool(train_b_pre)
+        self.b_pre = nn.Parameter(torch.zeros(d_in), requires_grad=self.train_b_pre)
         self.register_buffer("bias", torch.zeros(width))
         # group of each neuron: a seeded random permutation split into equal blocks
         group = torch.empty(width, dtype=torch.long)
@@ -139,4 +141,5 @@ class GBASAE(SAE):
 
     def hparams(self) -> dict:
         return {"groups": self.groups, "htf": self.htf, "ltf": self.ltf, "gamma_up": self.gamma_up,
-                "gamma_down": self.gamma_down, "every": self.every, "eps": self.eps}
+                "gamma_down": self.gamma_down, "every": self.every, "eps": self.eps,
+                "train_b_pre": self.train_b_pre}
