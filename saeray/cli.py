@@ -168,6 +168,8 @@ def harvest(
     json_out: bool = typer.Option(False, "--json", help="print totals as one JSON line last"),
 ) -> None:
     """Harvest activations of the spec's hook points into Parquet in the store (resumes)."""
+    import os
+
     from .audit import open_run, run_stage
     from .harvest.run import run_harvest
     from .raycluster import connect
@@ -175,6 +177,9 @@ def harvest(
 
     s = load_spec(spec)
     ctx = open_run(s, state.store)
+    # a local Ray's shard actors inherit this: idle OpenMP threads spinning on a shared or
+    # oversubscribed CPU starve the working ones (see docs/benchmarks.md, Harvest)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     connect(state.address)
     rev = revision or ctx.resolved.model.revisions[0]
     out = run_stage(ctx, "harvest", lambda c: run_harvest(c.resolved, c.store, c.manifest, rev))
@@ -187,14 +192,14 @@ def harvest(
 @bench_app.command("harvest")
 def bench_harvest(
     models: str = typer.Option("storyworld,gpt2", "--models", help="comma list of storyworld, gpt2"),
-    docs: int = typer.Option(768, "--docs", min=1, help="documents for the storyworld-shaped model"),
-    gpt2_docs: int = typer.Option(64, "--gpt2-docs", min=1, help="documents for the GPT-2-small-shaped model"),
+    docs: int = typer.Option(512, "--docs", min=1, help="documents for the storyworld-shaped model"),
+    gpt2_docs: int = typer.Option(32, "--gpt2-docs", min=1, help="documents for the GPT-2-small-shaped model"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="contexts per batch, storyworld model (a, b, c alike)"),
-    gpt2_batch_size: int = typer.Option(8, "--gpt2-batch-size", min=1, help="contexts per batch, GPT-2-small shape"),
+    gpt2_batch_size: int = typer.Option(4, "--gpt2-batch-size", min=1, help="contexts per batch, GPT-2-small shape"),
     context_len: int = typer.Option(128, "--context-len", min=2),
     threads: int = typer.Option(2, "--threads", min=1, help="torch threads for (a) and for the shard actor"),
     s3: bool = typer.Option(True, "--s3/--no-s3", help="(c): harvest to S3 on a moto server on 127.0.0.1"),
-    memory_docs: int = typer.Option(256, "--memory-docs", min=0, help="N for the driver-RSS check (N vs 10N); 0 skips"),
+    memory_docs: int = typer.Option(128, "--memory-docs", min=0, help="N for the driver-RSS check (N vs 10N); 0 skips"),
     workdir: Optional[str] = typer.Option(None, "--workdir", help="keep models and outputs here (default: temporary)"),
     json_out: bool = typer.Option(False, "--json", help="print the figures as one JSON line last"),
 ) -> None:
