@@ -33,13 +33,15 @@ def local_env() -> None:
 def connect(address: str | None = None, num_cpus: int | None = None,
             object_store_memory: int | None = None) -> dict:
     """Initialise Ray once per process; returns the cluster's resources."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        local_env()  # before ray is imported: Ray reads some of these at import time
     import ray
 
     if ray.is_initialized():
         return ray.cluster_resources()
     for k, v in _TRAIN_ENV.items():
         os.environ.setdefault(k, v)
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info(f"connecting to Ray at {address}")
         ray.init(address=address, log_to_driver=True)
