@@ -114,5 +114,20 @@ def tiny_model(tmp_path_factory):
     return str(path)
 
 
+def child_pids(marker: str) -> list[int]:
+    """PIDs of this test session's own descendant processes whose command line contains
+    ``marker`` (Ray names worker processes after their actor class, e.g. "ShardWorker")."""
+    import psutil
+
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any(marker in part for part in p.cmdline()):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
 def has(cmd: str) -> bool:
     return shutil.which(cmd) is not None

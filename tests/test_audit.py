@@ -19,6 +19,8 @@ from saeray.evaluate.concepts import ConceptScorer, auroc
 from saeray.manifest import Manifest
 from saeray.spec import parse_spec
 
+from conftest import child_pids
+
 
 def make_spec(model: str, store: str, name: str = "aud", **over):
     d = {"name": name, "model": {"name": model},
@@ -110,19 +112,6 @@ def test_ce_loss_recovered_is_one_for_exact_and_zero_for_null(ray_local, tiny_mo
     assert ev["exact"]["loss_zero"] != pytest.approx(ev["exact"]["loss_clean"], abs=1e-4)  # ablation matters
 
 
-def _train_worker_pids() -> list[int]:
-    import psutil
-
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if any("RayTrainWorker" in part for part in p.cmdline()):
-                out.append(p.pid)
-        except psutil.Error:
-            pass
-    return out
-
-
 @pytest.mark.slow
 def test_training_worker_killed_resumes_from_checkpoint(ray_local, tiny_model, tmp_path):
     from saeray.harvest.run import harvest_stage
@@ -146,13 +135,13 @@ def test_training_worker_killed_resumes_from_checkpoint(ray_local, tiny_model, t
         except BaseException as e:  # noqa: BLE001
             result["err"] = e
 
-    before = set(_train_worker_pids())
+    before = set(child_pids("RayTrainWorker"))
     th = threading.Thread(target=target)
     th.start()
     killed = None
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and th.is_alive():
-        pids = [p for p in _train_worker_pids() if p not in before]
+        pids = [p for p in child_pids("RayTrainWorker") if p not in before]
         if pids and ckpt.exists("checkpoint.pt"):
             steps_at_kill = torch.load(ckpt.path("checkpoint.pt"), weights_only=False)["steps"]
             killed = pids[0]

@@ -11,7 +11,6 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -23,6 +22,8 @@ from saeray.harvest.run import run_harvest
 from saeray.harvest.schema import acts_to_numpy
 from saeray.manifest import Manifest
 from saeray.spec import parse_spec
+
+from conftest import child_pids
 from saeray.store import Store
 
 
@@ -183,19 +184,6 @@ def test_resume_after_driver_killed(ray_local, tiny_model, tmp_path):
     assert not [p for p in run.fs.find(run.path()) if ".tmp-" in p]
 
 
-def _shard_worker_pids() -> list[int]:
-    import psutil
-
-    out = []
-    for p in psutil.Process().children(recursive=True):  # only this session's Ray processes
-        try:
-            if any("ShardWorker" in part for part in p.cmdline()):
-                out.append(p.pid)
-        except psutil.Error:
-            pass
-    return out
-
-
 def test_resume_after_shard_actor_killed(ray_local, tiny_model, tmp_path):
     spec = make_spec(tiny_model, str(tmp_path / "store"), name="actorkill", hookpoints=["resid_post.*"],
                      harvest={"stages": 2, "batch_size": 4, "unit_contexts": 16, "max_in_flight": 1},
@@ -209,14 +197,14 @@ def test_resume_after_shard_actor_killed(ray_local, tiny_model, tmp_path):
         except BaseException as e:  # noqa: BLE001
             result["err"] = e
 
-    before = set(_shard_worker_pids())
+    before = set(child_pids("ShardWorker"))
     th = threading.Thread(target=target)
     th.start()
     killed = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and th.is_alive():
         units = ctx.manifest.data.get("harvest", {}).get("units", {})
-        pids = [p for p in _shard_worker_pids() if p not in before]
+        pids = [p for p in child_pids("ShardWorker") if p not in before]
         if len(units) >= 2 and pids:
             killed = pids[-1]
             os.kill(killed, signal.SIGKILL)
