@@ -67,6 +67,8 @@ BROKEN = {
     "bad_resources": (GOOD + "resources:\n  harvest: {num_gpus: -1}\n", ["resources.harvest.num_gpus", "greater than or equal to 0"]),
     "resources_unknown": (GOOD + "resources:\n  train: {gpus: 1}\n", ["resources.train.gpus", "unknown key"]),
     "topk_without_k": (GOOD.replace("width: 64, k: 4", "width: 64"), ["sae.architectures[0]", "needs k"]),
+    "relu_without_l1": (GOOD.replace("width: 64, l1: 1.0", "width: 64"), ["sae.architectures[1]", "needs l1"]),
+    "topk_with_l1": (GOOD.replace("width: 64, k: 4", "width: 64, k: 4, l1: 2.0"), ["sae.architectures[0]", "takes no l1"]),
     "unknown_arch": (GOOD.replace("arch: relu", "arch: relu6"), ["sae.architectures[1].arch", "'relu'", "'gba'"]),
     "not_a_mapping": ("- just\n- a list\n", ["must be a YAML mapping"]),
 }
