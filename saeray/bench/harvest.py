@@ -44,7 +44,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -67,7 +67,6 @@ class HarvestBenchConfig:
     memory_docs: int = 128          # N for the memory check; 0 skips it
     workdir: str | None = None      # keep models and outputs here (default: a temporary folder, removed)
     hookpoint_kind: str = "resid_post"
-    extra: dict = field(default_factory=dict)
 
 
 # ---- pieces ------------------------------------------------------------------------------------
@@ -358,7 +357,7 @@ def run_bench(cfg: HarvestBenchConfig, address: str | None = None) -> dict:
                        "(snappy), sha256, atomic rename, manifest; tokens_per_s is steady state (after the first batch "
                        "returned), tokens_per_s_e2e the whole call incl. actor start and model load",
         },
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "extra")},
+        "config": {k: v for k, v in asdict(cfg).items() if k != "workdir"},
         "models": models,
         "memory": memory,
         "wall_s": round(time.perf_counter() - t0, 1),
