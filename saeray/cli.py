@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -44,6 +45,10 @@ def _global(
         raise typer.BadParameter(f"unknown log level '{log_level}'; use DEBUG, INFO, WARNING or ERROR", param_hint="--log-level")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     state.store, state.address = store, address
+    # before any command imports torch (and before a local Ray starts, whose workers inherit it):
+    # idle OpenMP threads spin by default and starve the working ones on a shared or small CPU
+    # (measured 4-17x slower steps; docs/benchmarks.md)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def print_json(obj: dict) -> None:
@@ -100,12 +105,8 @@ def zoo_build(
     """Train the storyworld zoo (GPT-NeoX sizes x log-spaced checkpoints) once; reuse it afterwards.
 
     Prints the zoo folder last (inside the JSON object with --json)."""
-    import os
     import time
 
-    # Idle OpenMP threads spin by default; on a shared machine the spinning starves the working
-    # thread (a 4-layer step measured 17x slower). Must be set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .storyworld.zoo import build_zoo, list_zoo
 
     cfg = _zoo_config(tiny)
@@ -168,7 +169,6 @@ def harvest(
     json_out: bool = typer.Option(False, "--json", help="print totals as one JSON line last"),
 ) -> None:
     """Harvest activations of the spec's hook points into Parquet in the store (resumes)."""
-    import os
 
     from .audit import open_run, run_stage
     from .harvest.run import run_harvest
@@ -177,9 +177,6 @@ def harvest(
 
     s = load_spec(spec)
     ctx = open_run(s, state.store)
-    # a local Ray's shard actors inherit this: idle OpenMP threads spinning on a shared or
-    # oversubscribed CPU starve the working ones (see docs/benchmarks.md, Harvest)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     connect(state.address)
     rev = revision or ctx.resolved.model.revisions[0]
     out = run_stage(ctx, "harvest", lambda c: run_harvest(c.resolved, c.store, c.manifest, rev))

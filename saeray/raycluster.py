@@ -26,6 +26,12 @@ def local_env() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray runs workers at nice 15 so the driver stays responsive; on a small machine the actors
+    # *are* the work (measured: a shard actor starved next to anything at nice 0)
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    # idle OpenMP threads spin by default and starve the working ones on shared cores (measured
+    # 4-17x slower steps); workers inherit this from the environment Ray starts with
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     for k, v in _TRAIN_ENV.items():
         os.environ.setdefault(k, v)
 

@@ -72,8 +72,8 @@ def test_row_counts_exact_and_readers(ray_local, tiny_model, tmp_path):
     import polars as pl
 
     root = ctx.store.path("acts/resid_post.2")
-    assert pl.scan_parquet(f"{root}/*.parquet").select(pl.len()).collect().item() == want
-    assert duckdb.sql(f"select count(*), min(pos) from '{root}/*.parquet'").fetchall() == [(want, 1)]  # BOS dropped
+    assert pl.scan_parquet(f"{root}/part-*.parquet").select(pl.len()).collect().item() == want
+    assert duckdb.sql(f"select count(*), min(pos) from '{root}/part-*.parquet'").fetchall() == [(want, 1)]  # BOS dropped
     rd = ActivationDataset.from_run(ctx.store, "resid_post.2").to_ray()  # Ray Data
     assert rd.count() == want
 

@@ -313,16 +313,11 @@ def run_bench(cfg: HarvestBenchConfig, address: str | None = None) -> dict:
 
     from ..raycluster import connect
 
-    # Same CPU conditions for (a) in this process and (b)/(c) in Ray workers, which inherit this
-    # environment when the local Ray starts below:
-    # - Ray runs workers at nice 15 by default; on a machine shared with other work that alone
-    #   starves the shard actor next to a nice-0 (a).
-    # - idle OpenMP threads spin by default and steal the cores the other side needs (the driver
-    #   while the actor computes and vice versa); passive waiting is what a shared machine wants.
-    #   Effective only before torch is loaded.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Same CPU conditions for (a) in this process and (b)/(c) in Ray workers, which inherit the
+    # local-Ray environment (worker niceness 0, passive OpenMP waiting) when Ray starts below.
+    from ..raycluster import local_env
+
+    local_env()
     own = cfg.workdir is None
     work = Path(cfg.workdir or tempfile.mkdtemp(prefix="saeray-bench-harvest-"))
     work.mkdir(parents=True, exist_ok=True)

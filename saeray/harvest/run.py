@@ -24,7 +24,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 
 from ..errors import InputError, SaerayError
 from ..manifest import Manifest
