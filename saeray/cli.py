@@ -253,7 +253,7 @@ def train(
 @bench_app.command("recovery")
 def bench_recovery(
     out: str = typer.Option("./runs/bench/recovery", "--out", help="folder for recovery.json and recovery.png"),
-    tokens: int = typer.Option(600_000, "--tokens", help="training tokens per SAE"),
+    tokens: int = typer.Option(1_200_000, "--tokens", help="training tokens per SAE"),
     seeds: int = typer.Option(2, "--seeds", help="seeds per architecture (>= 2 gives cross-seed consistency)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:

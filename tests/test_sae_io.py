@@ -139,3 +139,27 @@ def test_bad_inputs(tmp_path):
         build("gba", 4, 8, l1=0.1)
     with pytest.raises(InputError, match="not an SAE folder"):
         load(tmp_path)
+
+
+def test_gba_gate_only_saves_as_jumprelu(tmp_path):
+    """GBA with act='jumprelu' (bias gates, output unshrunk) round-trips as a SAELens jumprelu SAE."""
+    torch.manual_seed(2)
+    sae = build("gba", D, W, act="jumprelu")
+    with torch.no_grad():
+        sae.bias.copy_(-0.5 * torch.rand(W))
+        sae.a.add_(0.1 * torch.randn(W))
+        sae.input_scale.fill_(0.37)
+    sae.eval()
+    x = 3.0 * torch.randn(256, D)
+    with torch.no_grad():
+        f = sae.encode(x)
+    u = (x * 0.37 - sae.b_pre) @ sae.W.t()
+    # gate-only: every active latent carries its full projection, not projection + bias
+    assert (f != 0).float().mean() > 0.02
+    torch.testing.assert_close(f[f != 0], u[f != 0])
+    url = save(sae, tmp_path / "gba-j")
+    assert json.loads(Path(url, "cfg.json").read_text())["architecture"] == "jumprelu"
+    back = load(url)
+    with torch.no_grad():
+        torch.testing.assert_close(back.encode(x), f, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(back(x).recon, sae(x).recon, rtol=1e-5, atol=1e-5)

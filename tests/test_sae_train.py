@@ -14,12 +14,12 @@ import torch
 
 from saeray.sae import ARCHS, load
 from saeray.sae.metrics import evaluate
-from saeray.sae.synthetic import PlantedFeatures
+from saeray.sae.synthetic import PlantedFeatures, recovery
 from saeray.sae.train import MultiTrainer, TrainConfig, Variant, fit
 from saeray.store import Store
 
 torch.set_num_threads(1)
-PF = PlantedFeatures(d=16, n=48, f_min=0.01, f_max=0.2, seed=3)
+PF = PlantedFeatures(d=16, n=48, f_min=0.01, f_max=0.2, seed=3, spacing="random")  # the data these thresholds were set on
 B = 256
 
 
@@ -143,3 +143,23 @@ def test_train_cli_on_parquet(tmp_path):
     p2 = subprocess.run([sys.executable, "-m", "saeray", "train", "--activations", str(data), "--arch", "topk",
                          "--width", "32", "--out", str(tmp_path / "y")], capture_output=True, text=True, timeout=120)
     assert p2.returncode == 2 and "needs k" in p2.stderr
+
+
+def test_planted_frequencies_and_recovery_metric():
+    pf = PlantedFeatures(d=32, n=64, f_min=2e-3, f_max=2e-1, seed=5)
+    # geometric spacing: exactly two orders of magnitude, same profile for every seed
+    np.testing.assert_allclose(np.sort(pf.freq), np.geomspace(2e-3, 2e-1, 64))
+    np.testing.assert_allclose(np.sort(PlantedFeatures(d=32, n=64, f_min=2e-3, f_max=2e-1, seed=6).freq),
+                               np.sort(pf.freq))
+    np.testing.assert_allclose(np.linalg.norm(pf.V, axis=1), 1.0, rtol=1e-5)
+    x, h = pf.sample(20_000, np.random.default_rng(0))
+    assert (h >= 0).all() and abs((h > 0).sum(1).mean() - pf.expected_l0()) < 0.1
+    # the metric: scaled, sign-preserved true directions among distractors are all recovered ...
+    rng = np.random.default_rng(1)
+    dirs = np.concatenate([3.0 * pf.V[::-1], rng.standard_normal((100, 32))])
+    r = recovery(dirs, pf.V)
+    assert r["frr"] == 1.0 and abs(r["mean_best_cos"] - 1.0) < 1e-5
+    # ... a direction tilted by 30° (cos 0.866) is not, and flipped directions do not count
+    tilt = np.cos(np.pi / 6) * pf.V[0] + np.sin(np.pi / 6) * np.linalg.qr(np.stack([pf.V[0], rng.standard_normal(32)]).T)[0][:, 1]
+    assert recovery(np.concatenate([tilt[None], pf.V[1:]]), pf.V)["frr"] == 63 / 64
+    assert recovery(-pf.V, pf.V)["frr"] == 0.0

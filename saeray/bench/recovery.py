@@ -25,23 +25,31 @@ from ..sae.metrics import evaluate
 from ..sae.synthetic import PlantedFeatures, consistency, recovery
 from ..sae.train import TrainConfig, Variant, fit
 
-D, N, WIDTH, K = 32, 128, 256, 6
-SETTINGS = {  # arch -> (k, l1, opts)
-    "relu": (None, 0.5, {}),
-    "topk": (K, None, {}),
-    "batchtopk": (K, None, {}),
-    "gated": (None, 0.5, {}),
-    "jumprelu": (None, 0.03, {}),
-    # paper's γ=0.01 every 50 steps assumes ~1e5 steps; this run has ~2e3, so adapt faster
-    "gba": (None, None, {"every": 10, "gamma_up": 0.05, "gamma_down": 0.05}),
+# The default setting (see docs/benchmarks.md, "## SAE training", for the measurements behind it):
+# 64 features in 32 dimensions (2x superposition), frequencies geometrically spaced over two orders of
+# magnitude (0.002 .. 0.2, true L0 ≈ 2.75), width 256, 1.2M tokens at batch 512 (≈2,300 Adam steps).
+# With n = 128 and per-feature log-uniform draws (the first version) the rarest features occur a
+# few hundred times per run and neither TopK nor GBA got near 90 % recovery in this step budget.
+D, N, WIDTH, K = 32, 64, 256, 3
+F_MIN, F_MAX = 2e-3, 2e-1
+SETTINGS = {  # arch -> (k, l1, opts, lr override)
+    "relu": (None, 0.5, {}, None),
+    "topk": (K, None, {}, None),
+    "batchtopk": (K, None, {}, None),
+    "gated": (None, 0.5, {}, None),
+    "jumprelu": (None, 0.03, {}, None),
+    # paper's γ=0.01 every 50 steps assumes ~1e5 steps; this run has ~2e3, so adapt faster. GBA's
+    # tied unit-norm directions move only through Adam steps (no untied encoder to take up the
+    # slack): lr 2e-2 instead of 3e-3 took recovery from ≈0.70 to ≈0.94 in the same steps.
+    "gba": (None, None, {"every": 10, "gamma_up": 0.05, "gamma_down": 0.05}, 2e-2),
 }
 
 
-def run_recovery(out: str, tokens: int = 600_000, seeds: int = 2, batch_size: int = 256, lr: float = 3e-3) -> dict:
+def run_recovery(out: str, tokens: int = 1_200_000, seeds: int = 2, batch_size: int = 512, lr: float = 3e-3) -> dict:
     torch.set_num_threads(1)
-    pf = PlantedFeatures(d=D, n=N, f_min=2e-3, f_max=2e-1, seed=0)
-    variants = [Variant(a, WIDTH, k=k, l1=l1, seed=s, name=f"{a}-s{s}", opts=dict(o))
-                for a, (k, l1, o) in SETTINGS.items() for s in range(seeds)]
+    pf = PlantedFeatures(d=D, n=N, f_min=F_MIN, f_max=F_MAX, seed=0)
+    variants = [Variant(a, WIDTH, k=k, l1=l1, seed=s, name=f"{a}-s{s}", opts=dict(o), lr=alr)
+                for a, (k, l1, o, alr) in SETTINGS.items() for s in range(seeds)]
     cfg = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, warmup_steps=50, checkpoint_every=0,
                       dead_window_tokens=50_000, log_every=100)
     t0 = time.perf_counter()
@@ -64,7 +72,8 @@ def run_recovery(out: str, tokens: int = 600_000, seeds: int = 2, batch_size: in
         cons = None
         if seeds >= 2:
             cons = consistency(runs[0]["dirs"], runs[1]["dirs"], alive=(runs[0]["freq"] > 0).numpy())
-        row = {"arch": arch, "k": SETTINGS[arch][0], "l1": SETTINGS[arch][1], "consistency": cons,
+        row = {"arch": arch, "k": SETTINGS[arch][0], "l1": SETTINGS[arch][1], "lr": SETTINGS[arch][3] or lr,
+               "consistency": cons,
                "tokens_per_s": runs[0]["tokens_per_s"]}
         for key in ("frr", "mean_best_cos", "fvu", "l0", "dead_frac", "dense_frac"):
             row[key] = float(np.mean([r[key] for r in runs]))
@@ -78,7 +87,7 @@ def run_recovery(out: str, tokens: int = 600_000, seeds: int = 2, batch_size: in
     by = {r["arch"]: r for r in rows}
     result = {
         "data": {"d": D, "n": N, "freq_range": [pf.f_min, pf.f_max], "magnitudes": [pf.mag_low, pf.mag_high],
-                 "noise": pf.noise, "true_l0": pf.expected_l0()},
+                 "noise": pf.noise, "true_l0": pf.expected_l0(), "freq_spacing": pf.spacing},
         "train": {"width": WIDTH, "tokens": tokens, "batch_size": batch_size, "lr": lr, "seeds": seeds,
                   "wall_s": wall, "variants": len(variants)},
         "rows": rows, "ceiling": ceiling, "gba_groups": gba_groups,

@@ -20,8 +20,13 @@ a. The biases b get *no gradient*; they are set by the controller (Algorithm 1):
   if p̂_m < ε (dead) then b_m ← min(b_m + γ₊ r̄_k, 0) (more sensitive); otherwise unchanged.
 
 Choices where the sources leave room (labelled in methods.md as UNKNOWN / OUR CHOICE):
-* φ = ReLU (the theory's activation), so the trained SAE *is* a standard ReLU SAE
-  (W_enc = Wᵀ, b_enc = b, W_dec = diag(a) W, b_dec = b_pre) and is saved as SAELens ``standard``;
+* φ = ReLU (the theory's activation) by default, so the trained SAE *is* a standard ReLU SAE
+  (W_enc = Wᵀ, b_enc = b, W_dec = diag(a) W, b_dec = b_pre) and is saved as SAELens ``standard``.
+  ``act="jumprelu"`` is our reading of the paper's LLM runs: the bias only gates,
+  f_m = u_m · 1[u_m + b_m > 0] with u_m = w_mᵀ(x − b_pre), so the output is not shrunk by b_m; it
+  is saved as SAELens ``jumprelu`` with b_enc = 0 and threshold = −b. On the synthetic benchmark it
+  reconstructs better (FVU ≈0.16 vs ≈0.27) but did not recover more features (0.89 vs 0.94 single
+  seed), so ReLU stays the default;
 * tied weights with a learned output scale a_m (init 1) rather than a → 0;
 * ε = 1e-6 ("never fired in the window"); γ₊ = γ₋ = 0.01 and every = 50 steps are the paper's values,
   exposed so short runs (the synthetic benchmark) can adapt faster; the bias range [−1, 0] presumes
@@ -53,8 +58,13 @@ class GBASAE(SAE):
 
     def __init__(self, d_in: int, width: int, groups: int = 10, htf: float = 0.1, ltf: float = 1e-3,
                  gamma_up: float = 0.01, gamma_down: float = 0.01, every: int = 50, eps: float = 1e-6,
-                 train_b_pre: bool = False):
+                 train_b_pre: bool = False, act: str = "relu"):
         super().__init__(d_in, width)
+        if act not in ("relu", "jumprelu"):
+            raise ValueError(f"act='{act}' must be 'relu' or 'jumprelu'")
+        self.act = act
+        # a gate-only bias leaves the output unshrunk; SAELens then sees a JumpReLU with θ = −b
+        self.saelens_arch = "standard" if act == "relu" else "jumprelu"
         if groups < 1 or groups > width:
             raise ValueError(f"groups={groups} must be in 1..width={width}")
         self.groups, self.htf, self.ltf = int(groups), float(htf), float(ltf)
@@ -87,7 +97,7 @@ class GBASAE(SAE):
 
     @property
     def b_enc(self) -> Tensor:
-        return self.bias
+        return self.bias if self.act == "relu" else torch.zeros_like(self.bias)
 
     @property
     def b_dec(self) -> Tensor:
@@ -100,8 +110,11 @@ class GBASAE(SAE):
         return self.W.detach().float() * torch.sign(self.a.detach().float())[:, None]
 
     def encode_scaled(self, xs: Tensor) -> tuple[Tensor, Tensor]:
-        pre = (xs - self.b_pre) @ self.W.t() + self.bias
-        return pre.relu(), pre
+        u = (xs - self.b_pre) @ self.W.t()
+        pre = u + self.bias
+        if self.act == "relu":
+            return pre.relu(), pre
+        return u * (pre > 0), pre
 
     @torch.no_grad()
     def on_step(self, out: SAEOutput, n_tokens: int) -> None:
@@ -146,4 +159,11 @@ class GBASAE(SAE):
     def hparams(self) -> dict:
         return {"groups": self.groups, "htf": self.htf, "ltf": self.ltf, "gamma_up": self.gamma_up,
                 "gamma_down": self.gamma_down, "every": self.every, "eps": self.eps,
-                "train_b_pre": self.train_b_pre}
+                "train_b_pre": self.train_b_pre, "act": self.act}
+
+    @torch.no_grad()
+    def export(self) -> dict[str, Tensor]:
+        t = super().export()
+        if self.act == "jumprelu":
+            t["threshold"] = (-self.bias).float().clamp_min(0).clone()
+        return t
