@@ -43,8 +43,12 @@ def ray_head(tmp_path, moto_endpoint):
 def submit(address: str, env: dict, workdir: Path, *args: str, timeout: float = 420) -> str:
     """`ray job submit --no-wait`, then poll `ray job status` (bounded) until SUCCEEDED; returns the logs."""
     ray = str(VENV_BIN / "ray")
-    r = subprocess.run([ray, "job", "submit", "--no-wait", "--address", address, "--working-dir", str(workdir),
-                        "--", *args], env=env, capture_output=True, text=True, timeout=120)
+    for _ in range(30):  # bounded: a fresh head's job agent registers a few seconds after the API is up
+        r = subprocess.run([ray, "job", "submit", "--no-wait", "--address", address, "--working-dir", str(workdir),
+                            "--", *args], env=env, capture_output=True, text=True, timeout=120)
+        if r.returncode == 0 or "No available agent" not in r.stderr:
+            break
+        time.sleep(2)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     job_id = re.search(r"raysubmit_\w+", r.stdout + r.stderr).group(0)
     from ray.job_submission import JobStatus, JobSubmissionClient
