@@ -42,7 +42,7 @@ SETTINGS = {  # arch -> (k, l1, opts, lr override)
     "jumprelu": (None, 0.03, {}, None),
     # paper's γ=0.01 every 50 steps assumes ~1e5 steps; this run has ~2e3, so adapt faster. GBA's
     # tied unit-norm directions move only through Adam steps (no untied encoder to take up the
-    # slack): lr 2e-2 instead of 3e-3 took recovery from ≈0.70 to ≈0.94 in the same steps.
+    # slack): lr 2e-2 instead of 3e-3 took recovery from 0.75 to 0.94 in the same steps.
     "gba": (None, None, {"every": 10, "gamma_up": 0.05, "gamma_down": 0.05}, 2e-2),
 }
 
