@@ -7,6 +7,8 @@
 #   cluster/local.sh status
 #
 # Settings (environment): RAY_PORT (6380), RAY_DASHBOARD_PORT (8265), RAY_NUM_CPUS (all cores),
+# RAY_AGENT_PORT (52365: the job agent; give another when a second Ray runs on this machine),
+# RAY_CLIENT_PORT (10001),
 # SAERAY_RAY_DIR (state: pid file, logs, Ray temp dir; default ./.ray-local). Start it from the
 # project's venv (or with .venv/bin first on PATH): jobs run with the `python` the head was started with.
 set -euo pipefail
@@ -30,6 +32,7 @@ case "${1:-}" in
     export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.2}
     "$ray_bin" start --head --block --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 \
       --port "$port" --dashboard-port "$dport" --num-cpus "${RAY_NUM_CPUS:-$(nproc)}" \
+      --dashboard-agent-listen-port "${RAY_AGENT_PORT:-52365}" --ray-client-server-port "${RAY_CLIENT_PORT:-10001}" \
       --temp-dir "$tmp" --disable-usage-stats --include-dashboard true \
       >"$dir/head.log" 2>&1 &
     echo $! > "$pidfile"

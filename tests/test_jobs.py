@@ -25,7 +25,9 @@ VENV_BIN = Path(sys.executable).parent
 def ray_head(tmp_path, moto_endpoint):
     """A Ray head with the S3 endpoint in its environment (jobs inherit it)."""
     env = {**os.environ, "SAERAY_RAY_DIR": str(tmp_path / "head"), "RAY_PORT": str(free_port()),
-           "RAY_DASHBOARD_PORT": str(free_port()), "RAY_NUM_CPUS": "2", "RAY_AUTH_MODE": "disabled",
+           "RAY_DASHBOARD_PORT": str(free_port()),
+           # the session's other local Ray already holds the default agent port
+           "RAY_AGENT_PORT": str(free_port()), "RAY_CLIENT_PORT": str(free_port()), "RAY_NUM_CPUS": "2", "RAY_AUTH_MODE": "disabled",
            "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     r = subprocess.run(["bash", str(REPO / "cluster/local.sh"), "start"], env=env, capture_output=True, text=True,
                        timeout=120)
