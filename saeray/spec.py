@@ -105,6 +105,13 @@ class SAETrainSpec(_Strict):
     epochs_max: int = Field(100, ge=1, description="cap on passes over the harvested tokens")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     seed: int = 0
+    workers: int = Field(1, ge=1, description="data-parallel workers per hook point (one large SAE over several GPUs)")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "SAETrainSpec":
+        if self.batch_size % self.workers:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of workers {self.workers}")
+        return self
 
 
 class SAESpec(_Strict):

@@ -203,3 +203,23 @@ def test_storyworld_concepts_align_with_tokens():
         got = {w for w, f in zip(words, Y[:, j]) if f}
         assert got and got <= set(CATEGORIES[cat])
     assert generate_doc(0, 0, "heldout").words[0] == words[0]   # row 0 = doc 0, pos 1 (BOS dropped)
+
+
+@pytest.mark.slow
+def test_data_parallel_unit_matches_single_worker(ray_local, tiny_model, tmp_path):
+    """sae.train.workers: 2 runs one hook point's SAEs as a 2-rank Ray Train run (gloo); the result
+    matches the single-worker run up to float rounding."""
+    from saeray.harvest.run import harvest_stage
+    from saeray.sae import load
+    from saeray.train.launch import train_stage
+
+    outs = {}
+    for workers in (1, 2):
+        kw = dict(hookpoints=["resid_post.2"], architectures=[{"arch": "relu", "width": 64, "l1": 1.0}],
+                  train={"tokens": 12_000, "batch_size": 200, "workers": workers})
+        ctx = open_run(make_spec(tiny_model, str(tmp_path / f"w{workers}"), name=f"w{workers}", **kw))
+        run_stage(ctx, "harvest", harvest_stage)
+        run_stage(ctx, "train", train_stage)
+        outs[workers] = load(ctx.store.url_of("saes/resid_post.2/relu-w64-l11"))
+    x = torch.randn(512, 32)
+    torch.testing.assert_close(outs[2](x).recon, outs[1](x).recon, atol=1e-4, rtol=1e-3)

@@ -15,6 +15,13 @@ state, the step and token counters and the RNG states; ``batches(skip_tokens)`` 
 stream from row ``skip_tokens`` on, so a resumed run sees exactly the batches an uninterrupted run
 would and ends with the same weights (tests/test_sae_train.py checks bit equality on CPU).
 
+Data parallel: inside an initialised ``torch.distributed`` group (Ray Train sets one up for
+``sae.train.workers > 1``) every rank takes its own slice of each global batch; gradients are
+averaged across ranks and the statistics updates (dead counters, BatchTopK threshold, GBA windows)
+see the latents gathered from every rank, so a DP run computes what one process would on the
+global batch (BatchTopK's batch-level top-k is the exception: it is taken per rank slice). Rank 0
+broadcasts the data-dependent init and alone writes checkpoints.
+
 Devices: CPU in float32; on CUDA the forward runs under bf16 autocast (parameters, optimizer state
 and the loss reductions stay float32).
 """
@@ -32,8 +39,45 @@ import torch
 
 from ..errors import InputError, SaerayError
 from ..progress import progress
-from .base import SAE, geometric_median
+from torch import Tensor
+
+from .base import SAE, SAEOutput, geometric_median
 from .registry import build
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast_state(sae: SAE) -> None:
+    import torch.distributed as dist
+
+    for t in list(sae.parameters()) + list(sae.buffers()):
+        dist.broadcast(t.data, src=0)
+
+
+def _average_grads(sae: SAE, world: int) -> None:
+    import torch.distributed as dist
+
+    for p in sae.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+def _gather_rows(t: Tensor | None, world: int) -> Tensor | None:
+    import torch.distributed as dist
+
+    if t is None:
+        return None
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 CKPT_NAME = "checkpoint.pt"
 
@@ -113,6 +157,7 @@ class MultiTrainer:
             self.scheds[v.name] = torch.optim.lr_scheduler.LambdaLR(
                 opt, _lr_lambda(cfg.warmup_steps, self.total_steps, cfg.decay_start))
         torch.manual_seed(cfg.seed)
+        self.rank, self.world = dist_rank_world()
         self.tokens_seen = 0
         self.steps = 0
         self.initialized = False
@@ -138,6 +183,8 @@ class MultiTrainer:
         for sae in self.saes.values():
             sae.input_scale.fill_(c)
             sae.b_dec.copy_(b)
+            if self.world > 1:  # every rank starts from rank 0's scale and b_dec
+                _broadcast_state(sae)
         self.initialized = True
 
     def step(self, x) -> dict[str, dict[str, float]]:
@@ -153,6 +200,8 @@ class MultiTrainer:
             loss = sum(out.losses.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if self.world > 1:
+                _average_grads(sae, self.world)
             if sae.unit_norm_decoder:
                 sae.remove_parallel_grad()
             if self.cfg.grad_clip:
@@ -161,7 +210,12 @@ class MultiTrainer:
             self.scheds[name].step()
             if sae.unit_norm_decoder:
                 sae.normalize_decoder()
-            sae.on_step(out, n)
+            if self.world > 1:
+                sae.on_step(SAEOutput(out.recon, _gather_rows(out.latents.detach(), self.world),
+                                      pre=_gather_rows(None if out.pre is None else out.pre.detach(), self.world)),
+                            n * self.world)
+            else:
+                sae.on_step(out, n)
             if self.steps % self.cfg.log_every == 0 or self.steps + 1 >= self.total_steps:
                 with torch.no_grad():
                     xf, rf = x.double(), out.recon.detach().double()
@@ -209,6 +263,8 @@ class MultiTrainer:
             torch.cuda.set_rng_state_all(sd["rng"]["cuda"])
 
     def save_checkpoint(self, store) -> None:
+        if self.rank != 0:  # identical state on every rank: one writer
+            return
         buf = io.BytesIO()
         torch.save(self.state_dict(), buf)
         with store.open_write(CKPT_NAME) as f:
@@ -249,12 +305,15 @@ def _take_rows(it: Iterator, n: int) -> np.ndarray:
 
 def fit(batches: Callable[[int], Iterator], d_in: int, variants: list[Variant], cfg: TrainConfig,
         ckpt=None, on_step: Callable[[int, dict], None] | None = None,
-        progress_desc: str = "train SAEs") -> dict[str, tuple[SAE, dict]]:
+        progress_desc: str = "train SAEs", init_batches: Callable[[int], Iterator] | None = None,
+        ) -> dict[str, tuple[SAE, dict]]:
     """Train ``variants`` on ``batches(0)`` for ``cfg.tokens`` rows; resume from ``ckpt`` (a Store)
-    if it holds a checkpoint. Returns {name: (sae in eval mode, last training metrics + tokens/s)}."""
+    if it holds a checkpoint. Returns {name: (sae in eval mode, last training metrics + tokens/s)}.
+    ``init_batches``: where the data-dependent init samples from, when not ``batches`` (a
+    data-parallel rank trains on its slice but initialises from the global stream)."""
     tr = MultiTrainer(d_in, variants, cfg)
     if not tr.load_checkpoint(ckpt):
-        tr.init_from_data(_take_rows(batches(0), cfg.init_tokens))
+        tr.init_from_data(_take_rows((init_batches or batches)(0), cfg.init_tokens))
     last: dict[str, dict] = {}
     t0, tok0 = time.perf_counter(), tr.tokens_seen
     with progress(progress_desc, total=cfg.tokens, unit="tok") as p:

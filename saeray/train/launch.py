@@ -47,7 +47,8 @@ def fit_unit(config: dict, resources: dict, run_name: str, storage: tuple) -> di
         per_worker["memory"] = int(resources["memory_gb"] * 2**30)
     trainer = TorchTrainer(
         _loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(num_gpus), resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(num_workers=config.get("workers", 1), use_gpu=bool(num_gpus),
+                                     resources_per_worker=per_worker),
         run_config=RunConfig(name=_train_run_name(run_name, config["hookpoint"]), storage_path=storage_path,
                              storage_filesystem=storage_fs, failure_config=FailureConfig(max_failures=MAX_FAILURES)),
     )
@@ -90,7 +91,7 @@ def run_train(spec, run, manifest) -> dict:
     for hp in todo:
         cfg = UnitConfig(run_url=run.url, store_options=run.options, hookpoint=hp, variants=variants,
                          tokens=t.tokens, batch_size=t.batch_size, lr=t.lr, seed=t.seed,
-                         checkpoint_every=t.checkpoint_every, epochs_max=t.epochs_max,
+                         checkpoint_every=t.checkpoint_every, epochs_max=t.epochs_max, workers=t.workers,
                          threads=max(1, int(res["num_cpus"])) if res["num_cpus"] >= 1 else 1,
                          model=spec.model.name)
         pending[fit_task.remote(cfg.to_dict(), res, manifest.data["run"], storage)] = (hp, time.perf_counter())

@@ -35,6 +35,7 @@ class UnitConfig:
     seed: int = 0
     checkpoint_every: int = 500
     epochs_max: int = 100
+    workers: int = 1                  # data-parallel ranks (Ray Train workers) for this unit
     shuffle_buffer: int = 1 << 16
     device: str = "auto"
     threads: int | None = None
@@ -69,6 +70,15 @@ def sae_rel(hookpoint: str, name: str) -> str:
     return f"saes/{hookpoint}/{name}"
 
 
+def rank_slices(batches, rank: int, world: int):
+    """``batches(skip)`` of this rank's slice of every global batch; ``skip`` counts local rows."""
+    def gen(skip: int = 0):
+        for b in batches(skip * world):
+            n = len(b) // world
+            yield b[rank * n:(rank + 1) * n]
+    return gen
+
+
 def gba_schedule(steps: int) -> dict:
     """GBA's bias controller for a run of ``steps``. The paper's values (step 0.01 every 50 steps)
     suit ~1e5-step runs; an audit trains for a few thousand, where they leave the biases far from
@@ -88,7 +98,8 @@ def train_unit(cfg: UnitConfig, on_step=None) -> dict:
     from ..sae import io
     from ..sae.metrics import evaluate
     from ..sae.run import dataset_batches
-    from ..sae.train import TrainConfig, Variant, _take_rows, fit
+    from ..errors import InputError
+    from ..sae.train import TrainConfig, Variant, _take_rows, dist_rank_world, fit
     from ..store import Store
 
     if cfg.threads:
@@ -99,15 +110,25 @@ def train_unit(cfg: UnitConfig, on_step=None) -> dict:
                                     shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
     tokens = min(cfg.tokens, cfg.epochs_max * ds.num_rows)
     steps = math.ceil(tokens / cfg.batch_size)
-    tcfg = TrainConfig(tokens=tokens, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=device,
+    rank, world = dist_rank_world()
+    if cfg.batch_size % world:
+        raise InputError(f"sae.train.batch_size {cfg.batch_size} must be a multiple of sae.train.workers {world}")
+    # data parallel: every rank reads the same global stream and trains on its slice of each batch,
+    # so step count, schedule and resume points are those of a single-process run
+    tcfg = TrainConfig(tokens=steps * cfg.batch_size // world if world > 1 else tokens,
+                       batch_size=cfg.batch_size // world, lr=cfg.lr, seed=cfg.seed, device=device,
                        checkpoint_every=cfg.checkpoint_every, warmup_steps=min(1000, max(1, steps // 20)),
                        dead_window_tokens=min(10_000_000, max(cfg.batch_size, tokens // 10)))
     variants = [Variant(**v) for v in cfg.variants]
     for v in variants:
         if v.arch == "gba" and not v.opts:
             v.opts = gba_schedule(steps)
-    res = fit(dataset_batches(ds, tokens), ds.d, variants, tcfg, ckpt=run / "saes" / cfg.hookpoint / CKPT_DIR,
-              on_step=on_step, progress_desc=f"train {cfg.hookpoint}")
+    stream = dataset_batches(ds, tokens)
+    res = fit(rank_slices(stream, rank, world) if world > 1 else stream, ds.d, variants, tcfg,
+              ckpt=run / "saes" / cfg.hookpoint / CKPT_DIR, on_step=on_step, init_batches=stream,
+              progress_desc=f"train {cfg.hookpoint}")
+    if rank != 0:  # every rank holds the same SAEs; rank 0 writes them
+        return {}
     # quick metrics on a differently shuffled sample of the training data; the evaluate stage
     # measures held-out tokens inside the model
     sample = _take_rows(ActivationDataset.from_run(run, cfg.hookpoint, batch_size=cfg.batch_size,
