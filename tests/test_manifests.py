@@ -1,5 +1,5 @@
 """Kubernetes manifests, validated offline: KubeRay fields against the CRD schemas in
-../shared/kuberay-crds (as JSON Schema, unknown fields rejected), pod templates against the core
+infra/kuberay-crds (vendored from KubeRay; as JSON Schema, unknown fields rejected), pod templates against the core
 Kubernetes schemas (kubernetes-validate, strict)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CRDS = REPO.parent / "shared" / "kuberay-crds"
+CRDS = REPO / "infra" / "kuberay-crds"   # vendored from KubeRay (see its README)
 K8S_VERSION = "1.32.0"
 
 
@@ -40,7 +40,7 @@ def _strict(schema: dict) -> dict:
 @lru_cache
 def crd_schema(kind: str) -> dict:
     path = CRDS / f"ray.io_{kind.lower()}s.yaml"
-    assert path.exists(), f"KubeRay CRD schema missing: {path} (expected ../shared/kuberay-crds beside the repo)"
+    assert path.exists(), f"KubeRay CRD schema missing: {path} "
     crd = yaml.safe_load(path.read_text())
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = _strict(v1["schema"]["openAPIV3Schema"])

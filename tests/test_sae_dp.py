@@ -3,10 +3,14 @@ as one process on the whole batches (gradients averaged, statistics from the gat
 and the ranks stay identical to each other."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import torch
-import torch.multiprocessing as mp
 
+from saeray.bench.s3local import free_port
 from saeray.sae.train import MultiTrainer, TrainConfig, Variant
 
 VARIANTS = [Variant("relu", 48, l1=0.5), Variant("topk", 48, k=4), Variant("gba", 48, opts={"every": 3})]
@@ -29,11 +33,11 @@ def _state(tr):
     return {f"{n}.{k}": v.detach().clone() for n, s in tr.saes.items() for k, v in s.state_dict().items()}
 
 
-def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
+def _rank_main(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     x = _data()
     tr = MultiTrainer(D, [Variant(**vars(v)) for v in VARIANTS], _cfg())
     tr.init_from_data(x[STEPS * B:] if rank == 0 else x[STEPS * B:] * 3)   # rank 0's init must win
@@ -42,11 +46,25 @@ def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
         tr.step(x[s * B + rank * h: s * B + (rank + 1) * h])
     torch.save(_state(tr), f"{out}.{rank}")
     dist.destroy_process_group()
+    # gloo's threads sometimes abort during interpreter teardown ("terminate called without an
+    # active exception", after all work is done and saved): leave without the teardown
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def test_two_ranks_match_one_process_on_full_batches(tmp_path):
     torch.set_num_threads(1)
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "pg"), str(tmp_path / "state")), nprocs=2, join=True)
+    # two fresh processes with a clean environment (nothing inherited from Ray or other tests),
+    # gloo on the loopback interface
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "MASTER_", "WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC"))}
+    env["GLOO_SOCKET_IFNAME"] = "lo"
+    init = f"tcp://127.0.0.1:{free_port()}"   # TCP rendezvous: the file store raced (rare aborts)
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", init, str(tmp_path / "state")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out.decode()[-3000:]
     r0 = torch.load(tmp_path / "state.0")
     r1 = torch.load(tmp_path / "state.1")
     x = _data()
@@ -64,3 +82,7 @@ def test_two_ranks_match_one_process_on_full_batches(tmp_path):
             assert torch.equal(r0[k], want[k]), k
     # the controller really ran on gathered statistics: GBA biases moved off zero
     assert r0["gba-w48.bias"].abs().sum() > 0
+
+
+if __name__ == "__main__":  # one rank, started by the test above
+    _rank_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
