@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .errors import InputError
 from .manifest import Manifest
 from .raycluster import connect
 from .spec import AuditSpec
@@ -47,8 +48,26 @@ def _stages() -> list[tuple[str, Callable[[RunContext], dict]]]:
             ("report", report_stage)]
 
 
+# The spec sections each stage's output depends on. A finished stage is reused only while these are
+# unchanged (resources and store may change freely); otherwise the run refuses rather than mix
+# results made with different settings.
+STAGE_INPUTS = {
+    "harvest": ("model", "corpus", "hookpoints", "harvest"),
+    "train": ("model", "corpus", "hookpoints", "harvest", "sae"),
+    "evaluate": ("model", "corpus", "hookpoints", "harvest", "sae", "evaluation"),
+}
+ALWAYS_RERUN = {"report"}   # cheap, and reflects whatever the manifest now holds
+
+
 def run_stage(ctx: RunContext, name: str, fn: Callable[[RunContext], dict]) -> dict:
-    if ctx.manifest.stage_done(name):
+    key = {sec: ctx.spec.hash(sec) for sec in STAGE_INPUTS.get(name, ())}
+    if ctx.manifest.stage_done(name) and name not in ALWAYS_RERUN:
+        old = ctx.manifest.stage(name).get("key") or {}
+        changed = [sec for sec in key if sec in old and old[sec] != key[sec]]
+        if changed:
+            raise InputError(f"run {ctx.store.url} finished stage '{name}' with other settings "
+                             f"({', '.join(changed)} changed); use a new run name (the spec's 'name') "
+                             "or delete the run folder to start over")
         log.info(f"stage {name}: already done, skipped")
         return ctx.manifest.stage(name)
     log.info(f"stage {name}: started")
@@ -60,7 +79,7 @@ def run_stage(ctx: RunContext, name: str, fn: Callable[[RunContext], dict]) -> d
         ctx.manifest.set_stage(name, status="failed")
         raise
     wall = time.perf_counter() - t0
-    ctx.manifest.set_stage(name, **{**out, "status": "done", "wall_s": round(wall, 2)})
+    ctx.manifest.set_stage(name, **{**out, "status": "done", "wall_s": round(wall, 2), "key": key})
     log.info(f"stage {name}: done in {wall:.1f} s")
     return ctx.manifest.stage(name)
 

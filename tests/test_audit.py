@@ -67,6 +67,13 @@ def test_audit_end_to_end_and_rerun_skips(ray_local, tiny_model, tmp_path):
     run_audit(spec)
     assert time.monotonic() - t0 < 15
     assert (run / "saes" / "resid_post.1" / "topk-w64-k4" / "sae_weights.safetensors").stat().st_mtime == mtime
+    # changed SAE settings on a finished run: refused, naming what changed, nothing overwritten
+    from saeray.errors import InputError
+
+    changed = make_spec(tiny_model, str(tmp_path / "store"), architectures=[{"arch": "topk", "width": 32, "k": 4}])
+    with pytest.raises(InputError, match=r"finished stage 'train' with other settings \(sae changed\)"):
+        run_audit(changed)
+    assert (run / "saes" / "resid_post.1" / "topk-w64-k4" / "sae_weights.safetensors").stat().st_mtime == mtime
 
 
 def _exact_and_null_saes(run_store, hp: str, d: int):
