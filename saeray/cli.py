@@ -19,7 +19,7 @@ import typer
 from .errors import InputError, SaerayError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Audit the insides of language models on Ray: harvest, SAEs, sweeps, reports.")
+                  help="Audit the insides of language models on Ray: harvest, SAEs, in-model evaluation, reports.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print measured figures (--json for one JSON line).")
 zoo_app = typer.Typer(no_args_is_help=True, help="The built-in storyworld model zoo.")
 app.add_typer(bench_app, name="bench")
