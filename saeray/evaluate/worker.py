@@ -20,6 +20,7 @@ import os
 import numpy as np
 import torch
 
+from ..sae.metrics import RunningMetrics
 from .concepts import ConceptScorer
 
 
@@ -109,33 +110,17 @@ class EvalWorker:
 
 class _SAEStats:
     def __init__(self, width: int, n_concepts: int):
-        self.sq_err = 0.0
-        self.sum = None
-        self.sq = 0.0
-        self.n = 0
-        self.l0 = 0.0
-        self.fires = torch.zeros(width, dtype=torch.float64)
+        self.metrics = RunningMetrics(width)
         self.concepts = ConceptScorer(width, n_concepts)
 
     def add(self, x: torch.Tensor, recon: torch.Tensor, latents: torch.Tensor, y: torch.Tensor | None) -> None:
-        xd = x.double()
-        self.sq_err += float((xd - recon.double()).pow(2).sum())
-        s = xd.sum(0).cpu()
-        self.sum = s if self.sum is None else self.sum + s
-        self.sq += float(xd.pow(2).sum())
-        self.n += x.shape[0]
-        active = latents != 0
-        self.l0 += float(active.sum())
-        self.fires += active.sum(0).double().cpu()
+        self.metrics.add(x, recon, latents)
         if y is not None:
             self.concepts.add_counts(latents.cpu(), y)
 
     def result(self, names: list[str]) -> dict:
-        var = self.sq - float(self.sum.pow(2).sum()) / max(self.n, 1)
-        freq = self.fires / max(self.n, 1)
-        out = {"tokens": self.n, "fvu": self.sq_err / max(var, 1e-30), "mse": self.sq_err / max(self.n, 1),
-               "l0": self.l0 / max(self.n, 1), "dead_frac": float((freq == 0).double().mean()),
-               "dense_frac": float((freq > 0.1).double().mean())}
+        m = self.metrics.result()
+        out = {k: m[k] for k in ("tokens", "fvu", "mse", "l0", "dead_frac", "dense_frac")}
         if names and self.concepts.values:
             out.update(self.concepts.result(names))
         return out

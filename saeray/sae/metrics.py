@@ -34,6 +34,46 @@ def freq_histogram(freq: Tensor) -> dict:
     return {"dead": dead, "log10_edges": FREQ_BINS, "counts": counts.tolist()}
 
 
+class RunningMetrics:
+    """The figures of :func:`evaluate`, accumulated batch by batch (raw-unit activations, their
+    reconstructions and latents), so a caller streaming tokens never holds them all."""
+
+    def __init__(self, width: int):
+        self.n = 0
+        self.sq_err = 0.0
+        self.sq = 0.0
+        self.l0 = 0.0
+        self.sum: Tensor | None = None
+        self.fires = torch.zeros(width, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, x: Tensor, recon: Tensor, latents: Tensor) -> None:
+        xd = x.double()
+        self.sq_err += float((xd - recon.double()).pow(2).sum())
+        s = xd.sum(0).cpu()
+        self.sum = s if self.sum is None else self.sum + s
+        self.sq += float(xd.pow(2).sum())
+        self.n += x.shape[0]
+        active = latents != 0
+        self.l0 += float(active.sum())
+        self.fires += active.sum(0).double().cpu()
+
+    def result(self) -> dict:
+        n = max(self.n, 1)
+        total_var = self.sq - (float(self.sum.pow(2).sum()) / n if self.sum is not None else 0.0)
+        freq = self.fires / n
+        return {
+            "tokens": self.n,
+            "mse": self.sq_err / n,
+            "fvu": self.sq_err / max(total_var, 1e-30),
+            "l0": self.l0 / n,
+            "dead_frac": float((freq == 0).double().mean()),
+            "dense_frac": float((freq > 0.1).double().mean()),
+            "freq_hist": freq_histogram(freq),
+            "freq": freq,
+        }
+
+
 @torch.no_grad()
 def evaluate(sae, x: Tensor | np.ndarray, batch_size: int = 4096) -> dict:
     """Metrics of ``sae`` (any :class:`saeray.sae.base.SAE`) on activations ``x`` [N, d_in]."""
@@ -41,32 +81,10 @@ def evaluate(sae, x: Tensor | np.ndarray, batch_size: int = 4096) -> dict:
     sae.eval()
     dev = next(iter(sae.buffers())).device
     x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float32)
-    n = x.shape[0]
-    sq_err = 0.0
-    s = torch.zeros(x.shape[1], dtype=torch.float64)
-    sq = 0.0
-    l0 = 0.0
-    fires = torch.zeros(sae.width, dtype=torch.float64)
-    for i in range(0, n, batch_size):
+    acc = RunningMetrics(sae.width)
+    for i in range(0, x.shape[0], batch_size):
         xb = x[i:i + batch_size].to(dev)
         out = sae(xb)
-        f = out.latents
-        sq_err += float((xb.double() - out.recon.double()).pow(2).sum())
-        s += xb.double().sum(0).cpu()
-        sq += float(xb.double().pow(2).sum())
-        active = f != 0
-        l0 += float(active.sum())
-        fires += active.sum(0).double().cpu()
-    total_var = sq - float(s.pow(2).sum()) / n
-    freq = fires / n
+        acc.add(xb, out.recon, out.latents)
     sae.train(was_training)
-    return {
-        "tokens": n,
-        "mse": sq_err / n,
-        "fvu": sq_err / max(total_var, 1e-30),
-        "l0": l0 / n,
-        "dead_frac": float((freq == 0).double().mean()),
-        "dense_frac": float((freq > 0.1).double().mean()),
-        "freq_hist": freq_histogram(freq),
-        "freq": freq,
-    }
+    return acc.result()
