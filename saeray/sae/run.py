@@ -38,10 +38,7 @@ def train_on_activations(activations: str, arch: str, width: int, out: str, k: i
     ds = ActivationDataset(activations, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed)
     tokens = tokens or ds.num_rows
     variant = Variant(arch, width, k=k, l1=l1)
-    cfg = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                      checkpoint_every=checkpoint_every,
-                      warmup_steps=min(1000, max(1, tokens // batch_size // 20)),
-                      dead_window_tokens=min(10_000_000, max(batch_size, tokens // 10)))
+    cfg = TrainConfig.for_run(tokens, batch_size, lr=lr, seed=seed, device=device, checkpoint_every=checkpoint_every)
     out_store = Store.open(out)
     res = fit(dataset_batches(ds, tokens), ds.d, [variant], cfg, ckpt=out_store / "checkpoint",
               progress_desc=f"train {variant.name}")

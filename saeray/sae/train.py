@@ -100,6 +100,14 @@ class TrainConfig:
     device: str = "cpu"
     log_every: int = 10                 # steps between progress updates
 
+    @classmethod
+    def for_run(cls, tokens: int, batch_size: int, **kw) -> "TrainConfig":
+        """Schedule defaults scaled to the run's length: warm-up over the first 5 % of steps (at
+        most 1000); "dead" = no firing in the last 10 % of tokens (at most Gao et al.'s 10M)."""
+        steps = math.ceil(tokens / batch_size)
+        return cls(tokens=tokens, batch_size=batch_size, warmup_steps=min(1000, max(1, steps // 20)),
+                   dead_window_tokens=min(10_000_000, max(batch_size, tokens // 10)), **kw)
+
 
 @dataclass
 class Variant:

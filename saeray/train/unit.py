@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 log = logging.getLogger("saeray")
 
@@ -115,10 +115,10 @@ def train_unit(cfg: UnitConfig, on_step=None) -> dict:
         raise InputError(f"sae.train.batch_size {cfg.batch_size} must be a multiple of sae.train.workers {world}")
     # data parallel: every rank reads the same global stream and trains on its slice of each batch,
     # so step count, schedule and resume points are those of a single-process run
-    tcfg = TrainConfig(tokens=steps * cfg.batch_size // world if world > 1 else tokens,
-                       batch_size=cfg.batch_size // world, lr=cfg.lr, seed=cfg.seed, device=device,
-                       checkpoint_every=cfg.checkpoint_every, warmup_steps=min(1000, max(1, steps // 20)),
-                       dead_window_tokens=min(10_000_000, max(cfg.batch_size, tokens // 10)))
+    tcfg = TrainConfig.for_run(tokens, cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=device,
+                               checkpoint_every=cfg.checkpoint_every)
+    if world > 1:  # per-rank rows; schedule and dead window stay those of the global run
+        tcfg = replace(tcfg, tokens=steps * cfg.batch_size // world, batch_size=cfg.batch_size // world)
     variants = [Variant(**v) for v in cfg.variants]
     for v in variants:
         if v.arch == "gba" and not v.opts:
