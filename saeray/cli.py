@@ -133,14 +133,12 @@ def zoo_list(
     json_out: bool = typer.Option(False, "--json", help="print the rows as one JSON line last"),
 ) -> None:
     """Models x checkpoints of the built zoo with held-out loss and fact / copy accuracy."""
-    from .storyworld.zoo import is_built, summary_rows, zoo_path
+    from .storyworld.zoo import is_built, list_zoo, summary_rows, zoo_path
 
     cfg = _zoo_config(tiny)
     if not is_built(cfg, cache):
         cmd = "saeray zoo build" + (" --tiny" if tiny else "") + (f" --cache {cache}" if cache else "")
         raise SaerayError(f"the storyworld zoo is not built yet (expected {zoo_path(cfg, cache)}); run `{cmd}` first")
-    from .storyworld.zoo import list_zoo
-
     index = list_zoo(cfg, cache_dir=cache)
     rows = summary_rows(index)
     if json_out:

@@ -9,11 +9,13 @@ import base64
 import html
 import math
 
+from ..evaluate.concepts import F1_FOUND
 from .plots import tradeoff_png
 
 COLUMNS = (("hookpoint", "hook point"), ("arch", "arch"), ("width", "width"), ("k", "k"), ("l1", "l1"),
            ("l0", "L0"), ("fvu", "FVU"), ("ce_loss_recovered", "CE recovered"), ("kl", "KL"),
-           ("dead_frac", "dead"), ("concepts_f1_0.8", "concepts F1≥0.8"), ("mean_best_f1", "mean best F1"))
+           ("dead_frac", "dead"), (f"concepts_f1_{F1_FOUND}", f"concepts F1≥{F1_FOUND}"),
+           ("mean_best_f1", "mean best F1"))
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
