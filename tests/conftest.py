@@ -96,5 +96,38 @@ def child_pids(marker: str) -> list[int]:
     return out
 
 
+def run_and_kill_child(fn, marker: str, ready, which: int = 0, timeout: float = 120,
+                       join_timeout: float = 300) -> tuple[int | None, dict]:
+    """Run ``fn()`` in a thread; once ``ready()`` is true and a new descendant process named
+    ``marker`` exists, SIGKILL one of them (``which`` indexes the new ones, oldest first). Returns
+    (the killed PID or None, {"out": fn's result} or {"err": its exception})."""
+    import signal
+    import threading
+    import time
+
+    result: dict = {}
+
+    def target():
+        try:
+            result["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            result["err"] = e
+
+    before = set(child_pids(marker))
+    th = threading.Thread(target=target)
+    th.start()
+    killed = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and th.is_alive():
+        pids = [p for p in child_pids(marker) if p not in before]
+        if pids and ready():
+            killed = pids[which]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    th.join(join_timeout)
+    return killed, result
+
+
 def has(cmd: str) -> bool:
     return shutil.which(cmd) is not None

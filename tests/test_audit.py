@@ -5,9 +5,6 @@ recovered is 1 for an SAE that reconstructs exactly and 0 for one that outputs z
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
 import time
 
 import numpy as np
@@ -19,7 +16,7 @@ from saeray.evaluate.concepts import ConceptScorer, auroc
 from saeray.manifest import Manifest
 from saeray.spec import parse_spec
 
-from conftest import child_pids
+from conftest import run_and_kill_child
 
 
 def make_spec(model: str, store: str, name: str = "aud", **over):
@@ -134,28 +131,16 @@ def test_training_worker_killed_resumes_from_checkpoint(ray_local, tiny_model, t
     ctx = open_run(make_spec(tiny_model, str(tmp_path / "kill"), name="kill", **kw))
     run_stage(ctx, "harvest", harvest_stage)
     ckpt = ctx.store / "saes/resid_post.2/_checkpoint"
-    result: dict = {}
+    at_kill: dict = {}
 
-    def target():
-        try:
-            result["out"] = run_stage(ctx, "train", train_stage)
-        except BaseException as e:  # noqa: BLE001
-            result["err"] = e
+    def checkpoint_written() -> bool:
+        if ckpt.exists("checkpoint.pt"):
+            at_kill["steps"] = torch.load(ckpt.path("checkpoint.pt"), weights_only=False)["steps"]
+        return "steps" in at_kill
 
-    before = set(child_pids("RayTrainWorker"))
-    th = threading.Thread(target=target)
-    th.start()
-    killed = None
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and th.is_alive():
-        pids = [p for p in child_pids("RayTrainWorker") if p not in before]
-        if pids and ckpt.exists("checkpoint.pt"):
-            steps_at_kill = torch.load(ckpt.path("checkpoint.pt"), weights_only=False)["steps"]
-            killed = pids[0]
-            os.kill(killed, signal.SIGKILL)
-            break
-        time.sleep(0.1)
-    th.join(600)
+    killed, result = run_and_kill_child(lambda: run_stage(ctx, "train", train_stage), "RayTrainWorker",
+                                        ready=checkpoint_written, timeout=240, join_timeout=600)
+    steps_at_kill = at_kill.get("steps", 0)
     assert killed is not None, "the worker must be killed mid-run for this test to mean anything"
     assert 0 < steps_at_kill < 2000
     assert "err" not in result, result.get("err")

@@ -4,12 +4,10 @@ the driver or a shard actor is killed."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import numpy as np
@@ -23,7 +21,7 @@ from saeray.harvest.schema import acts_to_numpy
 from saeray.manifest import Manifest
 from saeray.spec import parse_spec
 
-from conftest import child_pids
+from conftest import run_and_kill_child
 from saeray.store import Store
 
 
@@ -189,28 +187,9 @@ def test_resume_after_shard_actor_killed(ray_local, tiny_model, tmp_path):
                      harvest={"stages": 2, "batch_size": 4, "unit_contexts": 16, "max_in_flight": 1},
                      corpus={"n_docs": 320})
     ctx = open_run(spec)
-    result: dict = {}
-
-    def target():
-        try:
-            result["out"] = run_harvest(ctx.resolved, ctx.store, ctx.manifest)
-        except BaseException as e:  # noqa: BLE001
-            result["err"] = e
-
-    before = set(child_pids("ShardWorker"))
-    th = threading.Thread(target=target)
-    th.start()
-    killed = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and th.is_alive():
-        units = ctx.manifest.data.get("harvest", {}).get("units", {})
-        pids = [p for p in child_pids("ShardWorker") if p not in before]
-        if len(units) >= 2 and pids:
-            killed = pids[-1]
-            os.kill(killed, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    th.join(300)
+    killed, result = run_and_kill_child(
+        lambda: run_harvest(ctx.resolved, ctx.store, ctx.manifest), "ShardWorker",
+        ready=lambda: len(ctx.manifest.data.get("harvest", {}).get("units", {})) >= 2, which=-1)
     assert killed is not None, "an actor must be killed mid-run"
     assert "err" not in result, result.get("err")
     want = expected_rows(spec)
