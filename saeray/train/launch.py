@@ -92,7 +92,7 @@ def run_train(spec, run, manifest) -> dict:
         cfg = UnitConfig(run_url=run.url, store_options=run.options, hookpoint=hp, variants=variants,
                          tokens=t.tokens, batch_size=t.batch_size, lr=t.lr, seed=t.seed,
                          checkpoint_every=t.checkpoint_every, epochs_max=t.epochs_max, workers=t.workers,
-                         threads=max(1, int(res["num_cpus"])) if res["num_cpus"] >= 1 else 1,
+                         threads=max(1, int(res["num_cpus"])),
                          model=spec.model.name)
         pending[fit_task.remote(cfg.to_dict(), res, manifest.data["run"], storage)] = (hp, time.perf_counter())
     errors = []
