@@ -71,6 +71,9 @@ def test_same_seed_same_docs_different_seed_different():
     assert sum(x.words != y.words for x, y in zip(a, h)) >= 19
     # a document does not depend on which other documents were generated before it
     assert generate_doc(13, seed=7).words == a[13].words
+    # the harvest's label-free path draws the very same words
+    assert [G.generate_words(i, seed=7) for i in range(20)] == [d.words for d in a]
+    assert [G.generate_words(i, seed=7, split="heldout") for i in range(20)] == [d.words for d in h]
 
 
 def test_bad_split_and_index():

@@ -300,7 +300,7 @@ def run_bench(cfg: HarvestBenchConfig, address: str | None = None) -> dict:
             "forward": "Stage forward only (no capture, no logits) on pre-tokenized ids in memory; same batch size, "
                        "context length, dtype and torch threads as the shard actor; one warm-up batch untimed",
             "harvest": "run_harvest: storyworld generation + tokenization, Ray object store, capture, float16, Parquet "
-                       "(snappy), sha256, atomic rename, manifest; tokens_per_s is steady state (after the first batch "
+                       "(saeray.harvest.parquet_encode), sha256, atomic rename, manifest; tokens_per_s is steady state (after the first batch "
                        "returned), tokens_per_s_e2e the whole call incl. actor start and model load",
         },
         "config": {k: v for k, v in asdict(cfg).items() if k != "workdir"},

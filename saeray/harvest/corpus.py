@@ -77,9 +77,9 @@ class Corpus:
 
     # -- storyworld -------------------------------------------------------------------------------
     def _storyworld(self, start: int, stop: int, split: str) -> Contexts:
-        from ..storyworld.generator import generate_doc
+        from ..storyworld.generator import generate_words
 
-        texts = [" ".join(generate_doc(i, seed=self.spec.seed, split=split).words) for i in range(start, stop)]
+        texts = [" ".join(generate_words(i, seed=self.spec.seed, split=split)) for i in range(start, stop)]
         enc = self.tok(texts, add_special_tokens=False)["input_ids"]
         return _pack(enc, start, self.T, self.bos, self.pad, self.spec.drop_bos)
 

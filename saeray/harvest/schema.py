@@ -36,17 +36,6 @@ def schema(d: int, dtype: str, meta: dict[str, str] | None = None) -> pa.Schema:
     return s
 
 
-def make_table(doc: np.ndarray, pos: np.ndarray, token: np.ndarray, act: np.ndarray, sch: pa.Schema) -> pa.Table:
-    """Rows from flat arrays; ``act`` is [n, d] and is cast to the schema's float type."""
-    n, d = act.shape
-    value_type = sch.field("act").type.value_type
-    np_dtype = np.float16 if value_type == pa.float16() else np.float32
-    values = pa.array(np.ascontiguousarray(act, dtype=np_dtype).reshape(-1), type=value_type)
-    acts = pa.FixedSizeListArray.from_arrays(values, d)
-    return pa.Table.from_arrays(
-        [pa.array(doc, pa.int64()), pa.array(pos, pa.int32()), pa.array(token, pa.int32()), acts], schema=sch)
-
-
 def read_meta(sch: pa.Schema) -> dict[str, str]:
     md = sch.metadata or {}
     return {k.decode()[len(META_PREFIX):]: v.decode() for k, v in md.items() if k.decode().startswith(META_PREFIX)}

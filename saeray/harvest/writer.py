@@ -2,7 +2,8 @@
 batch so a unit never has to fit in memory. A plain Python object: the shard actor wraps it, tests
 use it directly.
 
-Files appear atomically (hidden temporary, then move: :meth:`saeray.store.Store.open_write`) and
+Encoding is :mod:`saeray.harvest.parquet_encode` (pyarrow's generic writer cost a quarter of a
+small model's forward pass). Files appear atomically (hidden temporary, then move: :meth:`saeray.store.Store.open_write`) and
 are reported with rows, bytes and sha256 for the manifest; a unit that is abandoned midway (actor
 restart, new attempt) leaves nothing visible behind.
 """
@@ -12,14 +13,14 @@ import hashlib
 from contextlib import ExitStack
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from ..store import Store
-from .schema import make_table, schema
+from .parquet_encode import ActFileWriter
+from .schema import schema
 
 
 class _Hashing:
-    """File wrapper that hashes and counts what pyarrow writes through it."""
+    """File wrapper that hashes and counts what the encoder writes through it."""
 
     def __init__(self, f):
         self.f, self.h, self.n = f, hashlib.sha256(), 0
@@ -31,29 +32,17 @@ class _Hashing:
         self.f.write(b)
         return mv.nbytes
 
-    def flush(self) -> None:
-        self.f.flush()
-
-    @property
-    def closed(self) -> bool:
-        return False
-
-    def tell(self) -> int:
-        return self.n
-
 
 def part_path(hookpoint: str, unit: str) -> str:
     return f"acts/{hookpoint}/part-{unit}.parquet"
 
 
 class UnitWriter:
-    def __init__(self, run: Store, widths: dict[str, int], dtype: str, meta: dict[str, str],
-                 compression: str = "snappy"):
+    def __init__(self, run: Store, widths: dict[str, int], dtype: str, meta: dict[str, str]):
         self.run, self.widths, self.dtype, self.meta = run, widths, dtype, meta
-        self.compression = compression
         self.unit: str | None = None
         self._stack: ExitStack | None = None
-        self._w: dict[str, tuple[pq.ParquetWriter, _Hashing]] = {}
+        self._w: dict[str, tuple[ActFileWriter, _Hashing]] = {}
         self._rows: dict[str, int] = {}
 
     def begin(self, unit: str) -> None:
@@ -62,27 +51,19 @@ class UnitWriter:
         self._stack = ExitStack()
         self._rows = {hp: 0 for hp in self.widths}
 
-    def _writer(self, hp: str) -> tuple[pq.ParquetWriter, _Hashing]:
+    def _writer(self, hp: str) -> tuple[ActFileWriter, _Hashing]:
         if hp not in self._w:
             assert self._stack is not None and self.unit is not None
             f = self._stack.enter_context(self.run.open_write(part_path(hp, self.unit)))
             hf = _Hashing(f)
             sch = schema(self.widths[hp], self.dtype, {**self.meta, "hookpoint": hp, "d": self.widths[hp],
                                                         "dtype": self.dtype, "unit": self.unit})
-            # Dictionary encoding and min/max statistics only for the small integer columns: on the act
-            # column they cost ~4x the write time (pyarrow tries a dictionary of float16 values and
-            # computes statistics over every element) and gain nothing, since nobody filters on them.
-            # The act column is stored uncompressed: activations do not compress (measured 1032 bytes
-            # per token of 1024 raw with snappy) and the codec pass cost harvest throughput.
-            small = ["doc", "pos", "token"]
-            codec = {c: self.compression for c in small} | {"act": "none"}
-            self._w[hp] = (pq.ParquetWriter(hf, sch, compression=codec, use_dictionary=small,
-                                            write_statistics=small), hf)
+            self._w[hp] = (ActFileWriter(hf, sch), hf)
         return self._w[hp]
 
     def add(self, hp: str, doc: np.ndarray, pos: np.ndarray, token: np.ndarray, act: np.ndarray) -> None:
         w, _ = self._writer(hp)
-        w.write_table(make_table(doc, pos, token, act, w.schema))
+        w.write(doc, pos, token, act)
         self._rows[hp] += len(doc)
 
     def finish(self) -> dict[str, dict]:

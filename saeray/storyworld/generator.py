@@ -75,8 +75,27 @@ class Dist:
         return zip(self.words, self.probs)
 
 
-def mix(parts: list[tuple[float, Dist]]) -> Dist:
-    """Weighted mixture of distributions (weights need not be normalised; zero weights drop out)."""
+# Mixtures and uniforms are interned per document: within one document the same distributions are
+# asked for again and again (the people mentioned so far change only a few times), and rebuilding
+# each one, with its cumulative table on first sample, was a third of the generator's cost. The memo
+# is cleared at the start of every document (so memory stays flat however many are generated) and
+# whenever it outgrows _MEMO_MAX. Keys hold the component Dist objects themselves (identity-hashed),
+# so a key never aliases a freed distribution. An interned Dist is exactly what the uncached code
+# builds, word order included: documents are unchanged.
+_MEMO: dict[tuple, "Dist"] = {}
+_MEMO_MAX = 20_000
+
+
+def _interned(key: tuple, build) -> "Dist":
+    d = _MEMO.get(key)
+    if d is None:
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        d = _MEMO[key] = build()
+    return d
+
+
+def _mix(parts: tuple[tuple[float, Dist], ...]) -> Dist:
     acc: dict[str, float] = {}
     for w, d in parts:
         if w <= 0:
@@ -86,9 +105,21 @@ def mix(parts: list[tuple[float, Dist]]) -> Dist:
     return Dist(list(acc), list(acc.values()))
 
 
+def mix(parts: list[tuple[float, Dist]]) -> Dist:
+    """Weighted mixture of distributions (weights need not be normalised; zero weights drop out)."""
+    key = ("mix", *parts)
+    return _interned(key, lambda: _mix(key[1:]))
+
+
 def uniform(words: Iterable[str]) -> Dist:
-    ws = list(words)
-    return Dist(ws, [1.0] * len(ws))
+    ws = tuple(words)
+    return _interned(("uniform", *ws), lambda: Dist(list(ws), [1.0] * len(ws)))
+
+
+def weighted(words: Iterable[str], weights: Iterable[float]) -> Dist:
+    """``Dist(words, weights)``, interned like :func:`mix`."""
+    ws, xs = tuple(words), tuple(weights)
+    return _interned(("weighted", ws, xs), lambda: Dist(list(ws), list(xs)))
 
 
 _POINT: dict[str, Dist] = {}
@@ -231,7 +262,7 @@ def _story(ctx: _Ctx, topic: str) -> Proc:
                 continue
             if kind_ok(kind, inner):
                 opts.append((word, weight(kind, base)))
-        verb = yield from emit(Dist([w for w, _ in opts], [x for _, x in opts]))
+        verb = yield from emit(weighted([w for w, _ in opts], [x for _, x in opts]))
         kind = NAME_PREDICATES[verb][0]
         used[kind] = used.get(kind, 0) + 1
         if verb == "lives":
@@ -283,7 +314,7 @@ def _story(ctx: _Ctx, topic: str) -> Proc:
                     yield from emit(point(NUMBERS[0]))
                     continue
                 # Keep counting (the successor is certain) or stop.
-                w = yield from emit(Dist([NUMBERS[c - 1], "."], [0.7, 0.3]))
+                w = yield from emit(weighted((NUMBERS[c - 1], "."), (0.7, 0.3)))
                 if w == ".":
                     ctx.count = 0
                     return
@@ -449,24 +480,44 @@ def _rng(index: int, seed: int, split: str) -> random.Random:
     return random.Random(f"{LANGUAGE_VERSION}/{seed}/{split}/{index}")
 
 
-def generate_doc(index: int, seed: int = 0, split: str = "train") -> Doc:
-    """Document ``index`` of corpus ``seed``, split ``split`` ("train" or "heldout"): a pure function."""
+def _draw(index: int, seed: int, split: str, on_word=None) -> tuple[str, list[str]]:
+    """(topic, words) of a document; ``on_word(word, ctx)`` sees each word with the process state
+    it was drawn in (before the process advances)."""
     _check_split(split)
     if index < 0:
         raise InputError(f"storyworld document index must be >= 0, got {index}")
     rng = _rng(index, seed, split)
     topic = TOPICS[rng.randrange(len(TOPICS))]
+    _MEMO.clear()  # see _MEMO
     ctx = _Ctx()
-    cols: dict[str, list] = {k: [] for k in LABEL_FIELDS}
-    # BOS row: outside every label.
-    for k, v in zip(LABEL_FIELDS, ("", False, 0, 0, False, "", "", False, "", -1)):
-        cols[k].append(v)
     words: list[str] = []
     proc = _story(ctx, topic)
     d = next(proc)
     while True:
         w = d.sample(rng.random())
         words.append(w)
+        if on_word is not None:
+            on_word(w, ctx)
+        try:
+            d = proc.send(w)
+        except StopIteration:
+            break
+    return topic, words
+
+
+def generate_words(index: int, seed: int = 0, split: str = "train") -> list[str]:
+    """The words of :func:`generate_doc` without its labels (a quarter cheaper: what a harvest needs)."""
+    return _draw(index, seed, split)[1]
+
+
+def generate_doc(index: int, seed: int = 0, split: str = "train") -> Doc:
+    """Document ``index`` of corpus ``seed``, split ``split`` ("train" or "heldout"): a pure function."""
+    cols: dict[str, list] = {k: [] for k in LABEL_FIELDS}
+    # BOS row: outside every label.
+    for k, v in zip(LABEL_FIELDS, ("", False, 0, 0, False, "", "", False, "", -1)):
+        cols[k].append(v)
+
+    def record(w: str, ctx: _Ctx) -> None:
         cols["category"].append(WORD_CATEGORY.get(w, ""))
         cols["in_quote"].append(ctx.in_quote)
         cols["depth"].append(ctx.depth + (w == "("))  # a bracket carries the level of its pair
@@ -478,10 +529,8 @@ def generate_doc(index: int, seed: int = 0, split: str = "train") -> Doc:
         cols["is_copy_target"].append(c is not None)
         cols["copy_kind"].append(c[0] if c else "")
         cols["copy_src"].append(c[1] if c else -1)
-        try:
-            d = proc.send(w)
-        except StopIteration:
-            break
+
+    topic, words = _draw(index, seed, split, record)
     labels = {
         "category": np.array(cols["category"], dtype=object),
         "in_quote": np.array(cols["in_quote"], dtype=bool),
@@ -525,6 +574,7 @@ class Truth:
 def next_token_truth(doc: Doc) -> Truth:
     """Run the document process once per topic on the document's words and mix by topic posterior."""
     n = len(doc.tokens)
+    _MEMO.clear()  # see _MEMO
     ctxs = [_Ctx() for _ in TOPICS]
     procs: list[Proc | None] = [_story(c, t) for c, t in zip(ctxs, TOPICS)]
     dists: list[Dist | None] = [next(p) for p in procs]  # type: ignore[arg-type]
