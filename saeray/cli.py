@@ -187,7 +187,7 @@ def harvest(
 @bench_app.command("harvest")
 def bench_harvest(
     models: str = typer.Option("storyworld,gpt2", "--models", help="comma list of storyworld, gpt2"),
-    docs: int = typer.Option(512, "--docs", min=1, help="documents for the storyworld-shaped model"),
+    docs: int = typer.Option(2048, "--docs", min=1, help="documents for the storyworld-shaped model"),
     gpt2_docs: int = typer.Option(32, "--gpt2-docs", min=1, help="documents for the GPT-2-small-shaped model"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="contexts per batch, storyworld model (a, b, c alike)"),
     gpt2_batch_size: int = typer.Option(4, "--gpt2-batch-size", min=1, help="contexts per batch, GPT-2-small shape"),

@@ -55,7 +55,7 @@ MODELS = ("storyworld", "gpt2")
 @dataclass
 class HarvestBenchConfig:
     models: tuple[str, ...] = MODELS
-    docs: int = 512                 # storyworld-model corpus (documents = contexts)
+    docs: int = 2048                # storyworld-model corpus (documents = contexts): a steady window of seconds
     gpt2_docs: int = 32             # the GPT-2-small shape costs ~40x more per token on CPU
     batch_size: int = 32
     gpt2_batch_size: int = 4        # several batches even in a short run: the steady rate needs them
