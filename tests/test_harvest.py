@@ -224,6 +224,31 @@ def test_text_corpus_sources(ray_local, tiny_model, tmp_path):
         assert c.heldout().ids.shape == (2, 16)
     np.testing.assert_array_equal(got[0], got[1])
     np.testing.assert_array_equal(got[0], got[2])
+
+    # units in order read the text once (not from the start for every unit); a retried unit behind
+    # the cursor starts over and gets the same rows
+    class Counting:
+        def __init__(self, tok):
+            self.tok, self.calls = tok, 0
+
+        def __getattr__(self, k):
+            return getattr(self.tok, k)
+
+        def __call__(self, *a, **kw):
+            self.calls += 1
+            return self.tok(*a, **kw)
+
+    spec = CorpusSpec(source=str(tmp_path / "a.txt"), n_docs=10, context_len=16, heldout_docs=2)
+    once = Counting(tok)
+    Corpus(spec, once).contexts(0, 10)
+    ctok = Counting(tok)
+    c = Corpus(spec, ctok)
+    parts = [c.contexts(a, b) for a, b in ((0, 2), (2, 4), (4, 6), (6, 8), (8, 10))]
+    assert ctok.calls == once.calls   # every document tokenized once, as by a single read
+    np.testing.assert_array_equal(np.concatenate([p.ids for p in parts]), got[0])
+    np.testing.assert_array_equal(c.contexts(2, 4).ids, got[0][2:4])
+    np.testing.assert_array_equal(c.contexts(4, 6).ids, got[0][4:6])
+    assert c.heldout().ids.shape == (2, 16)
     from saeray.errors import InputError
 
     with pytest.raises(InputError, match="no field 'text'"):

@@ -74,6 +74,7 @@ class Corpus:
         self.is_storyworld = corpus_spec.source == "storyworld"
         if not self.is_storyworld:
             self.files = _list_text_files(corpus_spec.source)
+        self._cursor: tuple[int, Iterator[list[int]]] | None = None  # (index of the next context, stream)
 
     # -- storyworld -------------------------------------------------------------------------------
     def _storyworld(self, start: int, stop: int, split: str) -> Contexts:
@@ -97,14 +98,23 @@ class Corpus:
                 buf = buf[body:]
 
     def _text(self, start: int, stop: int) -> Contexts:
+        # Units are asked for in order, so the stream carries on from where the last one stopped
+        # instead of re-reading and re-tokenizing the corpus from its start for every unit
+        # (quadratic in the corpus); a request behind the cursor (a retried unit) starts over.
+        if self._cursor is None or self._cursor[0] > start:
+            self._cursor = (0, self._text_contexts())
+        i, stream = self._cursor
         out = []
-        for i, toks in enumerate(self._text_contexts()):
-            if i >= stop:
+        while i < stop:
+            toks = next(stream, None)
+            if toks is None:
                 break
             if i >= start:
                 out.append(toks)
+            i += 1
+        self._cursor = (i, stream)
         if len(out) < stop - start:
-            raise InputError(f"corpus {self.spec.source}: only {start + len(out)} contexts of {self.T} tokens available, "
+            raise InputError(f"corpus {self.spec.source}: only {i} contexts of {self.T} tokens available, "
                              f"{stop} needed; lower corpus.n_docs / corpus.heldout_docs or add text")
         return _pack(out, start, self.T, self.bos, self.pad, self.spec.drop_bos)
 
