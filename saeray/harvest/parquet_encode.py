@@ -135,9 +135,9 @@ class ActFileWriter:
 
     def __init__(self, f, sch: pa.Schema, created_by: str = "saeray"):
         act = sch.field("act").type
-        self.f, self.schema, self.d = f, sch, act.list_size
+        self.f, self.d = f, act.list_size
         self.f16 = act.value_type == pa.float16()
-        self.np_dtype = np.float16 if self.f16 else np.float32
+        self.np_dtype = np.dtype("<f2" if self.f16 else "<f4")   # Parquet PLAIN is little-endian
         self.itemsize = 2 if self.f16 else 4
         self.levels = _ListLevels(self.d)
         self.pos = 0
@@ -150,27 +150,33 @@ class ActFileWriter:
 
     def _put(self, b) -> None:
         self.f.write(b)
-        self.pos += len(b)
+        self.pos += memoryview(b).nbytes
 
-    def _page(self, payload: bytes, n_values: int, codec: int) -> tuple[int, int]:
-        """One v1 data page; returns (compressed, uncompressed) bytes written incl. header."""
-        body = pa.compress(payload, codec="snappy", asbytes=True) if codec == _SNAPPY else payload
+    def _page(self, parts: list, n_values: int, codec: int) -> tuple[int, int]:
+        """One v1 data page of the concatenated byte buffers ``parts`` (written as they are when
+        uncompressed: no copy of the activations); returns (compressed, uncompressed) bytes written
+        including the header."""
+        raw = sum(memoryview(p).nbytes for p in parts)
+        if codec == _SNAPPY:
+            parts = [pa.compress(b"".join(parts), codec="snappy", asbytes=True)]
+        size = sum(memoryview(p).nbytes for p in parts)
         header = _struct([
-            (1, "i32", _DATA_PAGE), (2, "i32", len(payload)), (3, "i32", len(body)),
+            (1, "i32", _DATA_PAGE), (2, "i32", raw), (3, "i32", size),
             (5, "struct", [(1, "i32", n_values), (2, "i32", _PLAIN), (3, "i32", _RLE), (4, "i32", _RLE)]),
         ])
         self._put(header)
-        self._put(body)
-        self._raw += len(header) + len(payload)
-        return len(header) + len(body), len(header) + len(payload)
+        for p in parts:
+            self._put(p)
+        self._raw += len(header) + raw
+        return len(header) + size, len(header) + raw
 
     def _plain_column(self, name: str, values: np.ndarray, ptype: int) -> bytes:
         start = self.pos
-        comp, raw = self._page(values.tobytes(), len(values), _SNAPPY)
+        comp, raw = self._page([values.tobytes()], len(values), _SNAPPY)
         stats = None
         if len(values):
-            lo, hi = values.min(), values.max()
-            stats = [(3, "i64", 0), (5, "bin", hi.tobytes()), (6, "bin", lo.tobytes())]
+            lo, hi = (np.array(x, dtype=values.dtype).tobytes() for x in (values.min(), values.max()))
+            stats = [(3, "i64", 0), (5, "bin", hi), (6, "bin", lo)]
         meta = [(1, "i32", ptype), (2, "list:i32", [_PLAIN]), (3, "list:bin", [name]), (4, "i32", _SNAPPY),
                 (5, "i64", len(values)), (6, "i64", raw), (7, "i64", comp), (9, "i64", start),
                 (12, "struct", stats)]
@@ -182,8 +188,7 @@ class ActFileWriter:
         per_page = max(1, PAGE_BYTES // (self.d * self.itemsize))
         for a in range(0, n, per_page):
             chunk = act[a:a + per_page]
-            payload = self.levels.encode(len(chunk)) + chunk.tobytes()
-            c, _ = self._page(payload, chunk.size, _UNCOMPRESSED)
+            c, _ = self._page([self.levels.encode(len(chunk)), memoryview(chunk).cast("B")], chunk.size, _UNCOMPRESSED)
             comp += c
         ptype = _FLBA if self.f16 else _FLOAT
         meta = [(1, "i32", ptype), (2, "list:i32", [_PLAIN, _RLE]), (3, "list:bin", ["act", "list", "element"]),
