@@ -3,9 +3,10 @@ batch so a unit never has to fit in memory. A plain Python object: the shard act
 use it directly.
 
 Encoding is :mod:`saeray.harvest.parquet_encode` (pyarrow's generic writer cost a quarter of a
-small model's forward pass). Files appear atomically (hidden temporary, then move: :meth:`saeray.store.Store.open_write`) and
-are reported with rows, bytes and sha256 for the manifest; a unit that is abandoned midway (actor
-restart, new attempt) leaves nothing visible behind.
+small model's forward pass). Files appear atomically (hidden temporary, then move:
+:meth:`saeray.store.Store.open_write`) and are reported with rows, bytes and sha256 for the
+manifest; a unit that is abandoned midway (actor restart, new attempt) leaves nothing visible
+behind.
 """
 from __future__ import annotations
 
