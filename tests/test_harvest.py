@@ -77,19 +77,23 @@ def test_row_counts_exact_and_readers(ray_local, tiny_model, tmp_path):
 
 
 def test_one_vs_two_stages_identical(ray_local, tiny_model, tmp_path):
+    """1 stage, 2 stages, and 2 data-parallel pipelines of 2 stages give the same rows."""
     tabs = []
-    for stages in (1, 2):
-        spec = make_spec(tiny_model, str(tmp_path / f"s{stages}"), harvest={"stages": stages, "dtype": "float32"},
+    for stages, replicas in ((1, 1), (2, 1), (2, 2)):
+        spec = make_spec(tiny_model, str(tmp_path / f"s{stages}r{replicas}"),
+                         harvest={"stages": stages, "replicas": replicas, "dtype": "float32", "unit_contexts": 8},
                          corpus={"n_docs": 40})
-        ctx, _ = harvest(spec)
+        ctx, out = harvest(spec)
+        assert out["units"] == 5 and out["rows"] == expected_rows(spec)
         t = pads.dataset(ctx.store.path("acts/resid_post.3"), format="parquet").to_table().sort_by([("doc", "ascending"), ("pos", "ascending")])
         tabs.append(t)
         if stages == 2:
             assert Manifest.load(ctx.store).data["harvest"]["stages"] == [[0, 2], [2, 4]]
-    a, b = (acts_to_numpy(t["act"]) for t in tabs)
-    assert a.dtype == np.float32 and a.shape == b.shape
+    a, b, c = (acts_to_numpy(t["act"]) for t in tabs)
+    assert a.dtype == np.float32 and a.shape == b.shape == c.shape
     np.testing.assert_array_equal(a, b)
-    assert tabs[0]["token"].equals(tabs[1]["token"])
+    np.testing.assert_array_equal(a, c)
+    assert tabs[0]["token"].equals(tabs[1]["token"]) and tabs[0]["token"].equals(tabs[2]["token"])
 
 
 def test_activations_match_model_forward(ray_local, tiny_model, tmp_path):
