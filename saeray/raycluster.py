@@ -52,7 +52,6 @@ def connect(address: str | None = None, num_cpus: int | None = None,
         log.info(f"connecting to Ray at {address}")
         ray.init(address=address, log_to_driver=True)
     else:
-        local_env()
         import psutil
 
         mem = psutil.virtual_memory().total
