@@ -138,7 +138,6 @@ class ActFileWriter:
         self.f, self.d = f, act.list_size
         self.f16 = act.value_type == pa.float16()
         self.np_dtype = np.dtype("<f2" if self.f16 else "<f4")   # Parquet PLAIN is little-endian
-        self.itemsize = 2 if self.f16 else 4
         self.levels = _ListLevels(self.d)
         self.pos = 0
         self._raw = 0                 # uncompressed bytes of the current row group
@@ -185,7 +184,7 @@ class ActFileWriter:
     def _act_column(self, act: np.ndarray) -> bytes:
         start, comp = self.pos, 0
         n = len(act)
-        per_page = max(1, PAGE_BYTES // (self.d * self.itemsize))
+        per_page = max(1, PAGE_BYTES // (self.d * self.np_dtype.itemsize))
         for a in range(0, n, per_page):
             chunk = act[a:a + per_page]
             c, _ = self._page([self.levels.encode(len(chunk)), memoryview(chunk).cast("B")], chunk.size, _UNCOMPRESSED)

@@ -24,7 +24,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from ..errors import InputError, SaerayError
 from ..manifest import Manifest
 from ..modelref import ModelRef, resolve_model
