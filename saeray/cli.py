@@ -278,6 +278,52 @@ def bench_train(
         print_json(res)
 
 
+@bench_app.command("saelens")
+def bench_saelens(
+    out: str = typer.Option("./runs/bench-saelens", "--out", help="folder for result.json and one SAE folder per SAE"),
+    tokens: int = typer.Option(4_000_000, "--tokens", min=1, help="training tokens per SAE (rounded to whole batches)"),
+    features: int = typer.Option(256, "--features", min=1, help="ground-truth features of the synthetic model"),
+    dim: int = typer.Option(64, "--dim", min=1, help="hidden dimension of the synthetic model"),
+    width: Optional[int] = typer.Option(None, "--width", min=1, help="SAE latents (default: --features)"),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="TopK/BatchTopK k, both sides (default: the data's true L0, rounded)"),
+    batch_size: int = typer.Option(1024, "--batch-size", min=1),
+    archs: str = typer.Option("topk,batchtopk,gba,relu,gated,jumprelu", "--archs", help="saeray architectures, comma list"),
+    l1: str = typer.Option("", "--l1", help="saeray sparsity coefficients, e.g. relu=0.3,gated=0.3,jumprelu=0.01 "
+                           "(default relu=1,gated=1,jumprelu=0.03: saeray's recovery-bench values)"),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads, the same for both libraries"),
+    eval_samples: int = typer.Option(100_000, "--eval-samples", min=1, help="held-out rows for SAELens's eval"),
+    seed: int = typer.Option(0, "--seed", help="synthetic model seed"),
+    venv: Optional[str] = typer.Option(None, "--venv", help="benchmark virtualenv (default: .bench/saelens-venv in the "
+                                       "repository, or $SAERAY_BENCH_VENV); created on first use"),
+    json_out: bool = typer.Option(False, "--json", help="print the result as one JSON line last"),
+) -> None:
+    """saeray vs SAELens on SAELens's synthetic data: SAELens's TopK and saeray's architectures on one
+    data stream, all scored by SAELens's eval_sae_on_synthetic_data (sae-lens runs in its own
+    virtualenv, installed on first use; it is never a saeray dependency)."""
+    from .bench.saelens_env import ARCHS, ensure_env, parse_l1, run_side
+
+    names = [a.strip() for a in archs.split(",") if a.strip()]
+    bad = [a for a in names if a not in ARCHS]
+    if bad or not names:
+        raise InputError(f"--archs: unknown architecture {bad[0] if bad else '(none)'!r}; use a comma list of {', '.join(ARCHS)}")
+    if k is not None and k > (width or features):
+        raise InputError(f"--k {k} must not exceed the SAE width {width or features}")
+    parse_l1(l1)
+    py = ensure_env(venv)
+    args = ["--out", out, "--tokens", str(tokens), "--features", str(features), "--dim", str(dim), "--batch-size",
+            str(batch_size), "--archs", ",".join(names), "--l1", l1, "--threads", str(threads),
+            "--eval-samples", str(eval_samples), "--seed", str(seed)]
+    if width is not None:
+        args += ["--width", str(width)]
+    if k is not None:
+        args += ["--k", str(k)]
+    if json_out:
+        args.append("--json")
+    sys.stdout.flush()
+    rc = run_side(py, args)   # its stdout is ours: the table, then (--json) its JSON line as our last line
+    if rc != 0:
+        raise SaerayError(f"bench saelens: the benchmark process ({py}) exited with {rc}")
+
 
 def main() -> None:
     try:
