@@ -101,7 +101,8 @@ class SAEVariant(_Strict):
 class SAETrainSpec(_Strict):
     tokens: int = Field(2_000_000, ge=1, description="training tokens per SAE")
     batch_size: int = Field(1024, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: Optional[float] = Field(None, gt=0, description="Adam learning rate for every variant; default: each "
+                                "architecture's own (docs/training.md)")
     epochs_max: int = Field(100, ge=1, description="cap on passes over the harvested tokens")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     seed: int = 0

@@ -25,7 +25,7 @@ B = 256
 
 def variants(width: int = 64) -> list[Variant]:
     return [Variant("relu", width, l1=0.3), Variant("topk", width, k=4), Variant("batchtopk", width, k=4),
-            Variant("gated", width, l1=0.3), Variant("jumprelu", width, l1=0.03), Variant("gba", width, opts={"every": 10, "gamma_up": 0.05, "gamma_down": 0.05})]
+            Variant("gated", width, l1=0.3), Variant("jumprelu", width, l1=0.03), Variant("gba", width, opts={"every": 10, "gamma_up": 0.05, "gamma_down": 0.05, "ltf": 1e-3})]  # a 2,560-token window resolves targets down to ~1e-3
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +163,53 @@ def test_planted_frequencies_and_recovery_metric():
     tilt = np.cos(np.pi / 6) * pf.V[0] + np.sin(np.pi / 6) * np.linalg.qr(np.stack([pf.V[0], rng.standard_normal(32)]).T)[0][:, 1]
     assert recovery(np.concatenate([tilt[None], pf.V[1:]]), pf.V)["frr"] == 63 / 64
     assert recovery(-pf.V, pf.V)["frr"] == 0.0
+
+
+def _harvested_run(tmp_path, hp="resid_post.0", units=3, rows=1200):
+    """A run folder as the harvest leaves it: unit files of one hook point and the manifest."""
+    from saeray.harvest.writer import UnitWriter
+    from saeray.manifest import Manifest
+
+    run = Store.open(str(tmp_path / "run"))
+    m = Manifest.load_or_create(run, "t", {}, "h")
+    w = UnitWriter(run, {hp: PF.d}, "float32", {"model": "planted"})
+    rng = np.random.default_rng(0)
+    for u in range(units):
+        w.begin(f"{u:05d}")
+        x, _ = PF.sample(rows, rng)
+        z = np.zeros(rows, np.int64)
+        w.add(hp, z, z, z, x)
+        m.section("harvest").setdefault("units", {})[f"{u:05d}"] = {"rows": rows, "files": w.finish()}
+    m.save()
+    return run, hp
+
+
+def test_train_cli_and_audit_unit_give_the_same_sae(tmp_path):
+    """One training path: `saeray train` on a harvested hook point and the audit's training unit on
+    the same run produce identical weights for every architecture's defaults (GBA's run-length
+    controller and each architecture's default learning rate included)."""
+    from safetensors.torch import load_file
+
+    from saeray.sae.run import train_on_activations
+    from saeray.train.unit import UnitConfig, train_unit
+
+    run, hp = _harvested_run(tmp_path)
+    archs = [("gba", None, None), ("topk", 4, None), ("jumprelu", None, 0.03)]
+    unit = train_unit(UnitConfig(run_url=run.url, store_options={}, hookpoint=hp, tokens=6000, batch_size=256,
+                                 variants=[{"arch": a, "width": 32, "k": k, "l1": l1} for a, k, l1 in archs]))
+    for a, k, l1 in archs:
+        cli = train_on_activations(run.url_of(f"acts/{hp}"), a, 32, str(tmp_path / f"cli-{a}"), k=k, l1=l1,
+                                   tokens=6000, batch_size=256, device="cpu")
+        name = Variant(a, 32, k=k, l1=l1).name
+        w_cli = load_file(str(tmp_path / f"cli-{a}" / "sae_weights.safetensors"))
+        w_unit = load_file(run.path(f"saes/{hp}/{name}/sae_weights.safetensors"))
+        assert set(w_cli) == set(w_unit)
+        for t in w_cli:
+            assert torch.equal(w_cli[t], w_unit[t]), (a, t)
+        cfg_cli = json.loads((tmp_path / f"cli-{a}" / "saeray.json").read_text())
+        cfg_unit = json.loads(open(run.path(f"saes/{hp}/{name}/saeray.json")).read())
+        assert cfg_cli["hparams"] == cfg_unit["hparams"], a
+        assert cli["tokens"] == unit[name]["tokens"] == 6000
+    gba = json.loads((tmp_path / "cli-gba" / "saeray.json").read_text())
+    # 24 steps: the controller is sized to the run (window of one batch), not the paper's 50 steps
+    assert gba["hparams"]["every"] == 1 and gba["training"]["last_batch"]["lr"] == 2e-2

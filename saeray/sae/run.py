@@ -1,10 +1,19 @@
-"""``saeray train``: one SAE on a Parquet activation dataset (a harvested hook point or any folder of
-Parquet files with a fixed-size-list ``act`` column), checkpointed and resumable at ``out``.
+"""The one way saeray trains SAEs on stored activations. ``saeray train`` (:func:`train_on_activations`)
+and the audit's training units (:func:`saeray.train.unit.train_unit`) both call
+:func:`fit_dataset`, so the same activations, variants and settings give the same SAE bit for bit
+(tests/test_sae_train.py checks it): the schedule (:meth:`TrainConfig.for_run`), each
+architecture's learning rate (:meth:`saeray.sae.base.SAE.default_lr`) and run-length-dependent
+settings (:meth:`saeray.sae.base.SAE.configure_for_run`, e.g. GBA's controller) are resolved in
+one place.
 
-Layout under ``out``: the SAELens folder (cfg.json, sae_weights.safetensors, saeray.json) and
-``checkpoint/checkpoint.pt`` (our resumable trainer state; kept so a re-run returns at once).
+Layout of ``saeray train``'s ``out``: the SAELens folder (cfg.json, sae_weights.safetensors,
+saeray.json) and ``checkpoint/checkpoint.pt`` (our resumable trainer state; kept so a re-run
+returns at once).
 """
 from __future__ import annotations
+
+import math
+from dataclasses import asdict, replace
 
 import torch
 
@@ -13,7 +22,7 @@ from ..harvest.reader import ActivationDataset
 from ..store import Store
 from . import io
 from .metrics import evaluate
-from .train import TrainConfig, Variant, _take_rows, fit, skip_rows
+from .train import TrainConfig, Variant, _take_rows, dist_rank_world, fit, skip_rows
 
 
 def dataset_batches(ds: ActivationDataset, tokens: int):
@@ -27,9 +36,49 @@ def dataset_batches(ds: ActivationDataset, tokens: int):
     return gen
 
 
+def rank_slices(batches, rank: int, world: int):
+    """``batches(skip)`` of this rank's slice of every global batch; ``skip`` counts local rows."""
+    def gen(skip: int = 0):
+        for b in batches(skip * world):
+            n = len(b) // world
+            yield b[rank * n:(rank + 1) * n]
+    return gen
+
+
+def fit_dataset(ds: ActivationDataset, variants: list[Variant], tokens: int, batch_size: int,
+                lr: float | None = None, seed: int = 0, device: str = "cpu", checkpoint_every: int = 500,
+                ckpt=None, on_step=None, progress_desc: str = "train SAEs"):
+    """Train ``variants`` on ``tokens`` rows of ``ds``; returns (fit's results, the TrainConfig).
+    Inside a torch.distributed group every rank reads the same global stream and trains on its
+    slice of each batch, so step count, schedule and resume points are those of one process."""
+    rank, world = dist_rank_world()
+    if batch_size % world:
+        raise InputError(f"batch_size {batch_size} must be a multiple of the data-parallel workers {world}")
+    tcfg = TrainConfig.for_run(tokens, batch_size, lr=lr, seed=seed, device=device,
+                               checkpoint_every=checkpoint_every)
+    stream = dataset_batches(ds, tokens)
+    if world > 1:  # per-rank rows; schedule and dead window stay those of the global run
+        steps = math.ceil(tokens / batch_size)
+        tcfg = replace(tcfg, tokens=steps * batch_size // world, batch_size=batch_size // world)
+    res = fit(rank_slices(stream, rank, world) if world > 1 else stream, ds.d, variants, tcfg, ckpt=ckpt,
+              on_step=on_step, init_batches=stream, progress_desc=progress_desc)
+    return res, tcfg
+
+
+def sample_metrics(sae, ds_sample) -> dict:
+    ev = evaluate(sae, ds_sample)
+    ev.pop("freq")
+    return ev
+
+
+def training_info(tcfg: TrainConfig, variant: Variant, last: dict) -> dict:
+    return {"config": {**asdict(tcfg), "adam_betas": list(tcfg.adam_betas)}, "variant": asdict(variant),
+            "last_batch": last}
+
+
 def train_on_activations(activations: str, arch: str, width: int, out: str, k: int | None = None,
                          l1: float | None = None, tokens: int | None = None, batch_size: int = 1024,
-                         lr: float = 1e-3, seed: int = 0, device: str | None = None,
+                         lr: float | None = None, seed: int = 0, device: str | None = None,
                          checkpoint_every: int = 500, shuffle_buffer: int = 1 << 16,
                          eval_tokens: int = 16_384) -> dict:
     if width < 1:
@@ -38,18 +87,16 @@ def train_on_activations(activations: str, arch: str, width: int, out: str, k: i
     ds = ActivationDataset(activations, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed)
     tokens = tokens or ds.num_rows
     variant = Variant(arch, width, k=k, l1=l1)
-    cfg = TrainConfig.for_run(tokens, batch_size, lr=lr, seed=seed, device=device, checkpoint_every=checkpoint_every)
     out_store = Store.open(out)
-    res = fit(dataset_batches(ds, tokens), ds.d, [variant], cfg, ckpt=out_store / "checkpoint",
-              progress_desc=f"train {variant.name}")
+    res, cfg = fit_dataset(ds, [variant], tokens, batch_size, lr=lr, seed=seed, device=device,
+                           checkpoint_every=checkpoint_every, ckpt=out_store / "checkpoint",
+                           progress_desc=f"train {variant.name}")
     sae, train_metrics = res[variant.name]
     # metrics on a differently shuffled sample of the same data (no held-out split exists here)
     ev_ds = ActivationDataset(activations, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed + 1)
-    ev = evaluate(sae, _take_rows(ev_ds.batches(tokens=min(eval_tokens, ds.num_rows)), eval_tokens))
-    ev.pop("freq")
+    ev = sample_metrics(sae, _take_rows(ev_ds.batches(tokens=min(eval_tokens, ds.num_rows)), eval_tokens))
     ev["dead_frac_train_window"] = float(sae.dead_mask().float().mean())
-    info = {"training": {"config": {**cfg.__dict__, "adam_betas": list(cfg.adam_betas)}, "variant": variant.__dict__,
-                         "last_batch": train_metrics},
+    info = {"training": training_info(cfg, variant, train_metrics),
             "metrics": ev, "provenance": {"activations": activations, "files": len(ds.files), "rows": ds.num_rows,
                                           "meta": ds.meta}}
     url = io.save(sae, out_store, info=info, hook_name=ds.meta.get("hookpoint"), model_name=ds.meta.get("model"))

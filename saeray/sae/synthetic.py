@@ -4,12 +4,17 @@ superposition) and a sparse non-negative code h.
 
 OUR CHOICES (the paper's magnitude and noise distributions are not in our sources):
 * v_i: rows of an i.i.d. Gaussian matrix, normalised to unit norm;
-* feature i occurs independently with its own frequency f_i; by default the n frequencies are
-  geometrically spaced over [f_min, f_max] (defaults span two orders of magnitude, 1e-3 .. 1e-1) and
-  assigned to features in random order, so every seed sees the same frequency profile and true L0
-  (``spacing="random"``: i.i.d. log-uniform draws, which with n = 128 moved the true L0 between
-  4.4 and 5.9 across seeds and left the rarest decile to chance);
-* non-zero magnitudes i.i.d. Uniform[mag_low, mag_high] = [0.5, 1.5];
+* feature i occurs with its own frequency f_i; by default the n frequencies are geometrically
+  spaced over [f_min, f_max] and assigned to features in random order, so every seed sees the same
+  frequency profile and true L0 (``spacing="random"``: i.i.d. log-uniform draws, which with n = 128
+  moved the true L0 between 4.4 and 5.9 across seeds and left the rarest decile to chance);
+* correlated groups: a fraction ``corr_frac`` of the features is split into groups of ``corr_size``;
+  a member fires when a uniform draw falls below its frequency, and with probability ``corr`` that
+  draw is the group's shared one (comonotone coupling), else its own. Marginal frequencies are
+  exactly f_i while the rarer member of a group mostly fires together with the others — the
+  co-occurrence that makes SAEs merge or absorb features;
+* magnitudes of active features: ``"uniform"`` i.i.d. U[mag_low, mag_high] (default [0.5, 1.5]) or
+  ``"lognormal"`` exp(N(0, mag_sigma²)) scaled to mean 1 (heavy right tail);
 * noise σ·N(0, I_d), σ = 0.01 by default.
 
 Batches are a pure function of (seed, batch index), so ``batches(skip_tokens)`` resumes exactly.
@@ -33,6 +38,11 @@ class PlantedFeatures:
     noise: float = 0.01
     seed: int = 0
     spacing: str = "geometric"   # or "random": i.i.d. log-uniform frequencies
+    magnitude: str = "uniform"   # or "lognormal"
+    mag_sigma: float = 0.75      # lognormal shape
+    corr_frac: float = 0.0       # share of features in correlated groups
+    corr_size: int = 2
+    corr: float = 0.8            # probability a group member uses the group's shared draw
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng([self.seed, 0])
@@ -44,11 +54,29 @@ class PlantedFeatures:
             self.freq = np.exp(rng.uniform(np.log(self.f_min), np.log(self.f_max), self.n))
         else:
             raise ValueError(f"spacing='{self.spacing}' must be 'geometric' or 'random'")
+        if self.magnitude not in ("uniform", "lognormal"):
+            raise ValueError(f"magnitude='{self.magnitude}' must be 'uniform' or 'lognormal'")
+        # group id of each feature (-1: independent); groups are random subsets
+        n_corr = int(round(self.corr_frac * self.n)) // self.corr_size * self.corr_size
+        self.group = np.full(self.n, -1)
+        members = rng.permutation(self.n)[:n_corr]
+        self.group[members] = np.arange(n_corr) // self.corr_size
+        self.n_groups = n_corr // self.corr_size
+
+    def _magnitudes(self, shape, rng: np.random.Generator) -> np.ndarray:
+        if self.magnitude == "uniform":
+            return rng.uniform(self.mag_low, self.mag_high, shape)
+        return np.exp(self.mag_sigma * rng.standard_normal(shape) - self.mag_sigma ** 2 / 2)
 
     def sample(self, rows: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(x [rows, d] float32, h [rows, n] float32 true code)."""
-        active = rng.random((rows, self.n)) < self.freq
-        h = np.where(active, rng.uniform(self.mag_low, self.mag_high, (rows, self.n)), 0.0).astype(np.float32)
+        u = rng.random((rows, self.n))
+        if self.n_groups:
+            shared = rng.random((rows, self.n_groups))
+            use = (self.group >= 0) & (rng.random((rows, self.n)) < self.corr)
+            u = np.where(use, shared[:, np.maximum(self.group, 0)], u)
+        active = u < self.freq
+        h = np.where(active, self._magnitudes((rows, self.n), rng), 0.0).astype(np.float32)
         x = h @ self.V
         if self.noise:
             x += (self.noise * rng.standard_normal((rows, self.d))).astype(np.float32)

@@ -86,7 +86,7 @@ CKPT_NAME = "checkpoint.pt"
 class TrainConfig:
     tokens: int = 1_000_000
     batch_size: int = 1024
-    lr: float = 1e-3
+    lr: float | None = None             # None: each architecture's SAE.default_lr()
     warmup_steps: int = 100
     decay_start: float = 0.8            # fraction of training after which lr decays linearly to 0
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -117,7 +117,7 @@ class Variant:
     l1: float | None = None
     name: str | None = None
     seed: int | None = None             # default: derived from TrainConfig.seed and the name
-    lr: float | None = None             # default: TrainConfig.lr
+    lr: float | None = None             # default: TrainConfig.lr, else the architecture's default
     opts: dict = field(default_factory=dict)   # extra architecture kwargs (e.g. GBA htf/ltf)
 
     def __post_init__(self) -> None:
@@ -153,19 +153,24 @@ class MultiTrainer:
         self.saes: dict[str, SAE] = {}
         self.opts: dict[str, torch.optim.Optimizer] = {}
         self.scheds: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        self.rank, self.world = dist_rank_world()
+        self.lrs: dict[str, float] = {}
         for v in variants:
             seed = v.seed if v.seed is not None else cfg.seed * 1_000_003 + zlib.crc32(v.name.encode())
             torch.manual_seed(seed)
             sae = build(v.arch, d_in, v.width, k=v.k, l1=v.l1, **v.opts).to(self.device)
             sae.dead_tokens = cfg.dead_window_tokens
+            # settings that depend on the run's length (GBA's controller) see the global batch, so a
+            # data-parallel run and one process resolve them alike
+            sae.configure_for_run(self.total_steps, cfg.batch_size * self.world)
             sae.train()
-            opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=v.lr or cfg.lr,
+            self.lrs[v.name] = v.lr or cfg.lr or sae.default_lr()
+            opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=self.lrs[v.name],
                                    betas=tuple(cfg.adam_betas))
             self.saes[v.name], self.opts[v.name] = sae, opt
             self.scheds[v.name] = torch.optim.lr_scheduler.LambdaLR(
                 opt, _lr_lambda(cfg.warmup_steps, self.total_steps, cfg.decay_start))
         torch.manual_seed(cfg.seed)
-        self.rank, self.world = dist_rank_world()
         self.tokens_seen = 0
         self.steps = 0
         self.initialized = False
@@ -354,5 +359,5 @@ def fit(batches: Callable[[int], Iterator], d_in: int, variants: list[Variant], 
     out = {}
     for name, sae in tr.saes.items():
         sae.eval()
-        out[name] = (sae, {**last.get(name, {}), "tokens": tr.tokens_seen, "tokens_per_s": tps})
+        out[name] = (sae, {**last.get(name, {}), "tokens": tr.tokens_seen, "tokens_per_s": tps, "lr": tr.lrs[name]})
     return out

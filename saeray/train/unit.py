@@ -14,8 +14,7 @@ consumed and finishes with the same weights an uninterrupted run produces.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger("saeray")
 
@@ -31,7 +30,7 @@ class UnitConfig:
     variants: list[dict]              # saeray.sae.train.Variant fields
     tokens: int
     batch_size: int = 1024
-    lr: float = 1e-3
+    lr: float | None = None           # None: each architecture's default (SAE.default_lr)
     seed: int = 0
     checkpoint_every: int = 500
     epochs_max: int = 100
@@ -70,36 +69,14 @@ def sae_rel(hookpoint: str, name: str) -> str:
     return f"saes/{hookpoint}/{name}"
 
 
-def rank_slices(batches, rank: int, world: int):
-    """``batches(skip)`` of this rank's slice of every global batch; ``skip`` counts local rows."""
-    def gen(skip: int = 0):
-        for b in batches(skip * world):
-            n = len(b) // world
-            yield b[rank * n:(rank + 1) * n]
-    return gen
-
-
-def gba_schedule(steps: int) -> dict:
-    """GBA's bias controller for a run of ``steps``. The paper's values (step 0.01 every 50 steps)
-    suit ~1e5-step runs; an audit trains for a few thousand, where they leave the biases far from
-    their targets (storyworld resid_post, 1.5k steps: L0 ~380 of 1024). Keep at least ~150 bias
-    updates per run, with the faster step the recovery benchmark uses (measured on the same data:
-    L0 18, FVU 0.11 at 1.5k steps)."""
-    every = max(5, min(50, steps // 150))
-    gamma = 0.01 if every == 50 else 0.05
-    return {"every": every, "gamma_up": gamma, "gamma_down": gamma}
-
-
 def train_unit(cfg: UnitConfig, on_step=None) -> dict:
     """Train all variants of ``cfg.hookpoint``; returns {variant name: {"path", "metrics"}}."""
     import torch
 
     from ..harvest.reader import ActivationDataset
     from ..sae import io
-    from ..sae.metrics import evaluate
-    from ..sae.run import dataset_batches
-    from ..errors import InputError
-    from ..sae.train import TrainConfig, Variant, _take_rows, dist_rank_world, fit
+    from ..sae.run import fit_dataset, sample_metrics, training_info
+    from ..sae.train import Variant, _take_rows, dist_rank_world
     from ..store import Store
 
     if cfg.threads:
@@ -109,25 +86,11 @@ def train_unit(cfg: UnitConfig, on_step=None) -> dict:
     ds = ActivationDataset.from_run(run, cfg.hookpoint, batch_size=cfg.batch_size,
                                     shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
     tokens = min(cfg.tokens, cfg.epochs_max * ds.num_rows)
-    steps = math.ceil(tokens / cfg.batch_size)
-    rank, world = dist_rank_world()
-    if cfg.batch_size % world:
-        raise InputError(f"sae.train.batch_size {cfg.batch_size} must be a multiple of sae.train.workers {world}")
-    # data parallel: every rank reads the same global stream and trains on its slice of each batch,
-    # so step count, schedule and resume points are those of a single-process run
-    tcfg = TrainConfig.for_run(tokens, cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=device,
-                               checkpoint_every=cfg.checkpoint_every)
-    if world > 1:  # per-rank rows; schedule and dead window stay those of the global run
-        tcfg = replace(tcfg, tokens=steps * cfg.batch_size // world, batch_size=cfg.batch_size // world)
     variants = [Variant(**v) for v in cfg.variants]
-    for v in variants:
-        if v.arch == "gba" and not v.opts:
-            v.opts = gba_schedule(steps)
-    stream = dataset_batches(ds, tokens)
-    res = fit(rank_slices(stream, rank, world) if world > 1 else stream, ds.d, variants, tcfg,
-              ckpt=run / "saes" / cfg.hookpoint / CKPT_DIR, on_step=on_step, init_batches=stream,
-              progress_desc=f"train {cfg.hookpoint}")
-    if rank != 0:  # every rank holds the same SAEs; rank 0 writes them
+    res, tcfg = fit_dataset(ds, variants, tokens, cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=device,
+                            checkpoint_every=cfg.checkpoint_every, ckpt=run / "saes" / cfg.hookpoint / CKPT_DIR,
+                            on_step=on_step, progress_desc=f"train {cfg.hookpoint}")
+    if dist_rank_world()[0] != 0:  # every rank holds the same SAEs; rank 0 writes them
         return {}
     # quick metrics on a differently shuffled sample of the training data; the evaluate stage
     # measures held-out tokens inside the model
@@ -137,10 +100,8 @@ def train_unit(cfg: UnitConfig, on_step=None) -> dict:
     out = {}
     for v in variants:
         sae, last = res[v.name]
-        ev = evaluate(sae.cpu() if device != "cpu" else sae, sample)
-        ev.pop("freq")
-        info = {"training": {"config": {**asdict(tcfg), "adam_betas": list(tcfg.adam_betas)},
-                             "variant": asdict(v), "last_batch": last},
+        ev = sample_metrics(sae.cpu() if device != "cpu" else sae, sample)
+        info = {"training": training_info(tcfg, v, last),
                 "metrics_train_sample": ev,
                 "provenance": {"run": cfg.run_url, "hookpoint": cfg.hookpoint, "rows": ds.num_rows,
                                "files": len(ds.files), "meta": ds.meta}}
