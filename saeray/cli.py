@@ -266,13 +266,27 @@ def bench_recovery(
 
 @bench_app.command("train")
 def bench_train(
-    seconds: float = typer.Option(3.0, "--seconds", help="measuring time per configuration"),
+    seconds: float = typer.Option(2.0, "--seconds", help="minimum time of each timed block (whole steps, at least one)"),
+    rounds: int = typer.Option(5, "--rounds", help="alternating dense/sparse rounds per width (medians reported)"),
+    width: Optional[list[int]] = typer.Option(None, "--width", metavar="N", help="SAE width, repeatable (default 16384 and 65536)"),
+    batch_size: int = typer.Option(1024, "--batch-size", help="CPU batch (CUDA uses 4096)"),
+    arch: str = typer.Option("topk", "--arch", help="topk or batchtopk"),
+    k: int = typer.Option(32, "--k"),
+    d_in: int = typer.Option(768, "--d-in"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """SAE training tokens/s (d=768, width 16384, TopK k=32 and ReLU) on CPU and CUDA if present."""
-    from .bench.train_speed import format_table, run_train_speed
+    """SAE training tokens/s before/after the sparse decode (dense vs sparse, TopK k=32, d=768,
+    widths 16384 and 65536), on CPU and CUDA if present."""
+    from .bench.train_speed import WIDTHS, format_table, run_train_speed
 
-    res = run_train_speed(seconds=seconds)
+    if arch not in ("topk", "batchtopk"):
+        raise InputError(f"--arch {arch}: the sparse decode exists for topk and batchtopk")
+    if rounds < 1 or batch_size < 1 or k < 1 or d_in < 1 or seconds < 0:
+        raise InputError("--rounds, --batch-size, --k and --d-in must be positive, --seconds >= 0")
+    widths = tuple(width) if width else WIDTHS
+    if any(w < k for w in widths):
+        raise InputError(f"every --width must be >= k={k}")
+    res = run_train_speed(seconds=seconds, rounds=rounds, arch=arch, d=d_in, widths=widths, k=k, cpu_batch=batch_size)
     typer.echo(format_table(res))
     if json_out:
         print_json(res)

@@ -1,34 +1,46 @@
-"""``saeray bench train``: SAE training throughput at a realistic size (d=768, width 16384; TopK
-k=32 and ReLU-L1), on CPU and, when present, CUDA.
+"""``saeray bench train``: SAE training throughput before/after the sparse decode (TopK k=32 at
+d=768, widths 16384 and 65536), on CPU and, when present, CUDA.
 
-Each configuration runs the real :class:`saeray.sae.train.MultiTrainer` step (forward, loss,
-backward, Adam, decoder renormalisation, statistics) on random activations for about ``seconds``
-after one warm-up step. FLOPs counted per token are the dense matmuls only, 12·d·width: forward
-encoder and decoder 2·d·width each, backward twice the forward (our TopK decodes with a dense
-matmul, so it does the same matmul work as ReLU).
+Two :class:`saeray.sae.train.MultiTrainer` are built per width, one with the dense decode
+(``sparse_decode = False``: ``f @ W_dec``, the "before") and one with the sparse one, each warmed
+up by one step. Then timed blocks of whole real training steps (forward, loss, backward, Adam,
+decoder renormalisation, statistics; at least ``seconds`` and one step per block) alternate
+dense, sparse, dense, sparse, ... for ``rounds`` rounds on random activations, so that load from
+other jobs on a shared machine hits both alike. The speed-up is the median over rounds of
+sparse/dense within the same round; tokens/s are per-mode medians. Dense FLOPs per token are
+12·d·width (encoder and decoder matmuls, forward 2·d·width each, backward twice the forward); the
+sparse decode removes the decoder's half, leaving ≈ 6·d·width + O(k·d).
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
 
 from ..sae.train import MultiTrainer, TrainConfig, Variant
 
-D, WIDTH, K = 768, 16384, 32
+D, WIDTHS, K, CPU_BATCH, CUDA_BATCH = 768, (16384, 65536), 32, 1024, 4096
 
 
-def flops_per_token(d: int = D, width: int = WIDTH) -> float:
+def flops_per_token(d: int, width: int) -> float:
     return 12.0 * d * width
 
 
-def measure(variant: Variant, device: str, batch_size: int, seconds: float) -> dict:
+def _trainer(variant: Variant, d: int, device: str, batch_size: int, sparse: bool) -> tuple[MultiTrainer, torch.Tensor]:
     torch.manual_seed(0)
-    tr = MultiTrainer(D, [variant], TrainConfig(tokens=10**9, batch_size=batch_size, device=device,
+    tr = MultiTrainer(d, [variant], TrainConfig(tokens=10**9, batch_size=batch_size, device=device,
                                                 log_every=10**9, warmup_steps=1))
-    x = torch.randn(batch_size, D, device=device)
+    for sae in tr.saes.values():
+        sae.sparse_decode = sparse
+    x = torch.randn(batch_size, d, device=device)
     tr.init_from_data(x)
     tr.step(x)  # warm-up (allocations, kernel selection)
+    return tr, x
+
+
+def _timed(tr: MultiTrainer, x: torch.Tensor, device: str, seconds: float) -> dict:
+    """Whole steps for at least ``seconds`` (at least one step)."""
     if device == "cuda":
         torch.cuda.synchronize()
     steps, t0 = 0, time.perf_counter()
@@ -38,27 +50,51 @@ def measure(variant: Variant, device: str, batch_size: int, seconds: float) -> d
         if device == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        if dt >= seconds and steps >= 2:
+        if dt >= seconds:
             break
-    tps = steps * batch_size / dt
-    return {"arch": variant.arch, "device": device, "batch_size": batch_size, "steps": steps, "seconds": dt,
-            "tokens_per_s": tps, "flops_per_token": flops_per_token(), "gflops_per_s": tps * flops_per_token() / 1e9}
+    return {"steps": steps, "seconds": dt, "tokens_per_s": steps * x.shape[0] / dt}
 
 
-def run_train_speed(seconds: float = 3.0) -> dict:
-    devices = [("cpu", 256)] + ([("cuda", 4096)] if torch.cuda.is_available() else [])
+def measure_pair(variant: Variant, d: int, device: str, batch_size: int, seconds: float, rounds: int) -> dict:
+    """Both trainers built and warmed up first, then timed blocks alternating dense, sparse, ..."""
+    trs = {mode: _trainer(variant, d, device, batch_size, sparse=mode == "sparse") for mode in ("dense", "sparse")}
+    runs: dict[str, list[dict]] = {"dense": [], "sparse": []}
+    for _ in range(rounds):
+        for mode, (tr, x) in trs.items():
+            runs[mode].append(_timed(tr, x, device, seconds))
+    return runs
+
+
+def run_train_speed(seconds: float = 2.0, rounds: int = 5, arch: str = "topk", d: int = D,
+                    widths: tuple[int, ...] = WIDTHS, k: int = K, cpu_batch: int = CPU_BATCH,
+                    cuda: bool | None = None) -> dict:
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    devices = [("cpu", cpu_batch)] + ([("cuda", CUDA_BATCH)] if cuda else [])
     rows = []
     for dev, bs in devices:
-        for v in (Variant("topk", WIDTH, k=K), Variant("relu", WIDTH, l1=1.0)):
-            rows.append(measure(v, dev, bs, seconds))
-    return {"d_in": D, "width": WIDTH, "k": K, "torch_threads": torch.get_num_threads(),
-            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "results": rows}
+        for width in widths:
+            runs = measure_pair(Variant(arch, width, k=k), d, dev, bs, seconds, rounds)
+            tps = {m: [r["tokens_per_s"] for r in rs] for m, rs in runs.items()}
+            ratio = [s / dn for s, dn in zip(tps["sparse"], tps["dense"])]
+            rows.append({"arch": arch, "device": dev, "width": width, "batch_size": bs,
+                         "dense_tokens_per_s": statistics.median(tps["dense"]),
+                         "sparse_tokens_per_s": statistics.median(tps["sparse"]),
+                         "speedup": statistics.median(ratio), "speedup_per_round": ratio, "rounds": runs,
+                         "dense_gflops_per_s": statistics.median(tps["dense"]) * flops_per_token(d, width) / 1e9})
+    return {"d_in": d, "k": k, "arch": arch, "seconds": seconds, "rounds": rounds,
+            "torch_threads": torch.get_num_threads(),
+            "cuda_device": torch.cuda.get_device_name(0) if cuda else None, "results": rows}
 
 
 def format_table(res: dict) -> str:
-    lines = [f"SAE training speed, d={res['d_in']}, width={res['width']}, dense FLOPs/token = "
-             f"{flops_per_token() / 1e6:.0f} M (12·d·width)",
-             f"{'arch':8s} {'device':6s} {'batch':>6s} {'tokens/s':>12s} {'GFLOP/s':>9s}"]
+    lines = [f"SAE training speed, {res['arch']} k={res['k']}, d={res['d_in']}, dense vs sparse decode "
+             f"({res['rounds']} alternating rounds of >= {res['seconds']:g} s per mode, medians; "
+             f"{res['torch_threads']} torch threads)",
+             f"{'device':6s} {'width':>6s} {'batch':>6s} {'dense tok/s':>12s} {'sparse tok/s':>13s} {'speed-up':>9s}"
+             "  per round"]
     for r in res["results"]:
-        lines.append(f"{r['arch']:8s} {r['device']:6s} {r['batch_size']:6d} {r['tokens_per_s']:12,.0f} {r['gflops_per_s']:9.1f}")
+        per = " ".join(f"{x:.2f}" for x in r["speedup_per_round"])
+        lines.append(f"{r['device']:6s} {r['width']:6d} {r['batch_size']:6d} {r['dense_tokens_per_s']:12,.0f} "
+                     f"{r['sparse_tokens_per_s']:13,.0f} {r['speedup']:8.2f}x  {per}")
     return "\n".join(lines)

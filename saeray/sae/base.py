@@ -12,18 +12,53 @@ latent values are unchanged and the saved SAE works on raw activations with
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor, nn
 
 
-@dataclass
 class SAEOutput:
-    recon: Tensor                                   # [B, d_in], raw units
-    latents: Tensor                                 # [B, width]
-    losses: dict[str, Tensor] = field(default_factory=dict)   # already weighted; total = sum
-    pre: Tensor | None = None                       # scaled-space pre-activations, for per-arch statistics
+    """What ``SAE.forward`` returns.
+
+    recon [B, d_in] in raw units; latents [B, width], the dense code; losses, already weighted
+    (total = sum); pre, the scaled-space pre-activations (per-arch statistics).
+    A sparse-decoding SAE (TopK, BatchTopK) passes ``codes = (rows, cols, vals)`` [nnz] (no
+    gradient) and ``width`` instead of ``latents``: the dense [B, width] tensor is then built only
+    when something reads ``latents``, and the per-step statistics (:meth:`fired`,
+    :meth:`positive_values`) read the triplets directly.
+    """
+
+    def __init__(self, recon: Tensor, latents: Tensor | None = None, losses: dict[str, Tensor] | None = None,
+                 pre: Tensor | None = None, codes: tuple[Tensor, Tensor, Tensor] | None = None,
+                 width: int | None = None):
+        if latents is None and (codes is None or width is None):
+            raise ValueError("SAEOutput needs latents, or codes and width")
+        self.recon, self._latents, self.pre = recon, latents, pre
+        self.losses = {} if losses is None else losses
+        self.codes, self.width = codes, width
+
+    @property
+    def latents(self) -> Tensor:
+        if self._latents is None:
+            rows, cols, vals = self.codes
+            with torch.no_grad():
+                self._latents = vals.new_zeros(self.recon.shape[0], self.width).index_put_((rows, cols), vals)
+        return self._latents
+
+    @torch.no_grad()
+    def fired(self) -> Tensor:
+        """[width] bool: latents positive on at least one token of the batch."""
+        if self._latents is None:
+            _, cols, vals = self.codes
+            return torch.zeros(self.width, dtype=torch.bool, device=vals.device).index_fill_(0, cols[vals > 0], True)
+        return (self._latents > 0).any(0)
+
+    @torch.no_grad()
+    def positive_values(self) -> Tensor:
+        """The positive latent values of the batch, flattened (order unspecified)."""
+        if self._latents is None:
+            vals = self.codes[2]
+            return vals[vals > 0]
+        return self._latents[self._latents > 0]
 
 
 def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
@@ -113,7 +148,7 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def on_step(self, out: SAEOutput, n_tokens: int) -> None:
-        fired = (out.latents > 0).any(0)
+        fired = out.fired()
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
 
     def dead_mask(self) -> Tensor:

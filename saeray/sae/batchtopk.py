@@ -6,6 +6,15 @@ Inference: one global threshold θ replaces the batch dependence, ``f = pre · 1
 JumpReLU with a shared θ); θ is an exponential moving average (rate 0.01, SAELens's choice; the
 first batch sets it) of the smallest kept activation per training batch. Saved as a SAELens
 ``jumprelu`` SAE with θ broadcast to ``threshold [width]`` (what SAELens does for batchtopk).
+
+Sparse decode (both modes): the kept entries become (token, latent, value) triplets sorted by
+token, decoded by :func:`saeray.sae.sparse_decode.decode_coo` (one embedding_bag over all of
+them, one bag per token, so tokens with many, few or no active latents cost what they hold).
+Training keeps exactly B·k entries, the same work as TopK's sparse decode plus a sort of B·k
+indices. Inference (``pre > θ``) adds a ``nonzero`` over [B, width]; it still beats the dense
+matmul unless the code is dense: eval forward at B=1024, width 16384, d=768 on the 2-core sandbox
+(shared) took 0.66-0.78 s sparse vs 1.15-1.28 s dense at 0.2-1 % active, 0.88 vs 1.2 s at 5 %,
+and the two were level at 20 %.
 """
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .base import SAEOutput
+from .sparse_decode import decode_coo
 from .topk import TopKSAE
 
 
@@ -37,10 +47,23 @@ class BatchTopKSAE(TopKSAE):
             return f, pre
         return pre * (pre > self.threshold), pre
 
+    def sparse_code(self, pre: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        n_tok = pre.shape[0]
+        if self.training or self.threshold < 0:
+            flat = pre.relu().flatten()
+            v, i = flat.topk(min(self.k * n_tok, flat.numel()))
+            i, order = i.sort()             # decode_coo wants the entries grouped by token
+            v = v[order]
+            rows, cols = i // self.width, i % self.width
+        else:
+            rows, cols = (pre > self.threshold).nonzero(as_tuple=True)   # row-major: sorted by token
+            v = pre[rows, cols]
+        return decode_coo(rows, cols, v, self.W_dec, n_tok), (rows, cols, v.detach())
+
     @torch.no_grad()
     def on_step(self, out: SAEOutput, n_tokens: int) -> None:
         super().on_step(out, n_tokens)
-        pos = out.latents[out.latents > 0]
+        pos = out.positive_values()
         if pos.numel():
             m = pos.min().float()
             if self.threshold < 0:

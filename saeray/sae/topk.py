@@ -11,13 +11,21 @@ reading of App. B.1; the OpenAI release uses 256), capped at the number of dead 
 unit-norm with the parallel gradient removed; tied init; b_dec from the geometric median (trainer).
 Our main term is the squared error on inputs scaled to E‖x‖² = 1, which plays the role of the paper's
 normalised MSE.
+
+Decoding (training and inference, main and AuxK terms) is sparse: the top-k (values, indices) the
+encoder selects go straight to :func:`saeray.sae.sparse_decode.decode_topk` instead of a dense
+[B, width] @ [width, d] matmul. The output carries the code as (row, col, value) triplets;
+``SAEOutput.latents`` (the dense code, no gradient) is built only when read (metrics, evaluation,
+data-parallel gathering), and the per-step statistics use the triplets. ``sparse_decode = False`` (class or
+instance) restores the dense decode, for the equivalence tests and the before/after benchmark.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .base import SAE, mse
+from .base import SAE, SAEOutput, mse
+from .sparse_decode import decode_topk
 
 
 def topk_relu(pre: Tensor, k: int) -> Tensor:
@@ -28,6 +36,7 @@ def topk_relu(pre: Tensor, k: int) -> Tensor:
 class TopKSAE(SAE):
     arch = "topk"
     saelens_arch = "topk"
+    sparse_decode = True    # False: decode with the dense matmul (the base-class path)
 
     def __init__(self, d_in: int, width: int, k: int = 32, aux_alpha: float = 1 / 32, k_aux: int | None = None):
         super().__init__(d_in, width)
@@ -41,14 +50,36 @@ class TopKSAE(SAE):
         pre = self.pre_acts(xs)
         return topk_relu(pre, self.k), pre
 
+    def sparse_code(self, pre: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """(x̂ − b_dec in scaled space, differentiable; the code as (rows, cols, vals) triplets
+        sorted by row, without gradient)."""
+        v, i = pre.topk(self.k, dim=-1)
+        v = v.relu()
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(self.k)
+        return decode_topk(i, v, self.W_dec), (rows, i.flatten(), v.detach().flatten())
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        if not self.sparse_decode:
+            return super().forward(x)
+        xs = x * self.input_scale
+        pre = self.pre_acts(xs)
+        xh, codes = self.sparse_code(pre)
+        xh = xh + self.b_dec
+        losses = self.loss_terms(xs, xh, None, pre) if self.training else {"mse": mse(xh, xs)}
+        return SAEOutput(xh / self.input_scale, None, losses, pre, codes=codes, width=self.width)
+
     def aux_loss(self, xs: Tensor, xh: Tensor, pre: Tensor) -> Tensor:
         dead = self.dead_mask()
         n_dead = int(dead.sum())
         if n_dead == 0 or self.aux_alpha == 0:
             return xs.new_zeros((), dtype=torch.float32)
         e = (xs - xh).detach().float()
-        z = topk_relu(pre.masked_fill(~dead, float("-inf")), min(self.k_aux, n_dead))
-        e_hat = (z @ self.W_dec).float()
+        masked = pre.masked_fill(~dead, float("-inf"))
+        if self.sparse_decode:
+            v, i = masked.topk(min(self.k_aux, n_dead), dim=-1)
+            e_hat = decode_topk(i, v.relu(), self.W_dec).float()
+        else:
+            e_hat = (topk_relu(masked, min(self.k_aux, n_dead)) @ self.W_dec).float()
         denom = (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         return self.aux_alpha * torch.nan_to_num((e_hat - e).pow(2).sum(-1).mean() / denom, 0.0)
 
