@@ -225,7 +225,7 @@ def train(
     l1: Optional[float] = typer.Option(None, "--l1", help="sparsity coefficient (relu, gated: L1; jumprelu: L0)"),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="training tokens (default: one pass over the data)"),
     batch_size: int = typer.Option(1024, "--batch-size"),
-    lr: float = typer.Option(1e-3, "--lr"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default: the architecture's own, docs/training.md)"),
     seed: int = typer.Option(0, "--seed"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)"),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="steps between checkpoints"),
@@ -250,16 +250,28 @@ def train(
 
 @bench_app.command("recovery")
 def bench_recovery(
-    out: str = typer.Option("./runs/bench/recovery", "--out", help="folder for recovery.json and recovery.png"),
-    tokens: int = typer.Option(1_200_000, "--tokens", help="training tokens per SAE"),
+    out: Optional[str] = typer.Option(None, "--out", help="results folder (default ./runs/bench/recovery[-family])"),
+    family: bool = typer.Option(False, "--family", help="the family of planted settings, every architecture with its defaults"),
+    settings: Optional[str] = typer.Option(None, "--settings", help="--family: comma-separated setting names (default: all)"),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="training tokens per SAE (default 1.2M; --family 3M per setting)"),
     seeds: int = typer.Option(2, "--seeds", help="seeds per architecture (>= 2 gives cross-seed consistency)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Feature recovery of every architecture on planted synthetic features (GBA paper's model)."""
-    from .bench.recovery import format_table, run_recovery
+    if tokens is not None and tokens < 1:
+        raise InputError(f"--tokens {tokens} must be positive")
+    if family:
+        from .bench.recovery_family import format_table as fmt_family, run_family
 
-    res = run_recovery(out, tokens=tokens, seeds=seeds)
-    typer.echo(format_table(res))
+        res = run_family(out or "./runs/bench/recovery-family", tokens=tokens or 3_000_000, seeds=seeds,
+                         only=[x.strip() for x in settings.split(",") if x.strip()] if settings else None,
+                         address=state.address)
+        typer.echo(fmt_family(res))
+    else:
+        from .bench.recovery import format_table, run_recovery
+
+        res = run_recovery(out or "./runs/bench/recovery", tokens=tokens or 1_200_000, seeds=seeds)
+        typer.echo(format_table(res))
     if json_out:
         print_json(res)
 

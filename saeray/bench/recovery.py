@@ -40,20 +40,18 @@ SETTINGS = {  # arch -> (k, l1, opts, lr override)
     "batchtopk": (K, None, {}, None),
     "gated": (None, 1.0, {}, None),
     "jumprelu": (None, 0.03, {}, None),
-    # paper's γ=0.01 every 50 steps assumes ~1e5 steps; this run has ~2e3, so adapt faster. GBA's
-    # tied unit-norm directions move only through Adam steps (no untied encoder to take up the
-    # slack): lr 2e-2 instead of 3e-3 took recovery from 0.75 to 0.94 in the same steps.
-    "gba": (None, None, {"every": 10, "gamma_up": 0.05, "gamma_down": 0.05}, 2e-2),
+    # GBA: its defaults (learning rate and a controller sized to the run, saeray/sae/gba.py)
+    "gba": (None, None, {}, None),
 }
 
 
-def run_recovery(out: str, tokens: int = 1_200_000, seeds: int = 2, batch_size: int = 512, lr: float = 3e-3) -> dict:
+def run_recovery(out: str, tokens: int = 1_200_000, seeds: int = 2, batch_size: int = 512,
+                 lr: float | None = None) -> dict:
     torch.set_num_threads(1)
     pf = PlantedFeatures(d=D, n=N, f_min=F_MIN, f_max=F_MAX, seed=0)
     variants = [Variant(a, WIDTH, k=k, l1=l1, seed=s, name=f"{a}-s{s}", opts=dict(o), lr=alr)
                 for a, (k, l1, o, alr) in SETTINGS.items() for s in range(seeds)]
-    cfg = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, warmup_steps=50, checkpoint_every=0,
-                      dead_window_tokens=50_000, log_every=100)
+    cfg = TrainConfig.for_run(tokens, batch_size, lr=lr, checkpoint_every=0, log_every=100)
     t0 = time.perf_counter()
     res = fit(pf.batches(batch_size, tokens), pf.d, variants, cfg, progress_desc="bench recovery")
     wall = time.perf_counter() - t0
@@ -74,7 +72,7 @@ def run_recovery(out: str, tokens: int = 1_200_000, seeds: int = 2, batch_size: 
         cons = None
         if seeds >= 2:
             cons = consistency(runs[0]["dirs"], runs[1]["dirs"], alive=(runs[0]["freq"] > 0).numpy())
-        row = {"arch": arch, "k": SETTINGS[arch][0], "l1": SETTINGS[arch][1], "lr": SETTINGS[arch][3] or lr,
+        row = {"arch": arch, "k": SETTINGS[arch][0], "l1": SETTINGS[arch][1], "lr": res[f"{arch}-s0"][1]["lr"],
                "consistency": cons,
                "tokens_per_s": runs[0]["tokens_per_s"]}
         for key in ("frr", "mean_best_cos", "fvu", "l0", "dead_frac", "dense_frac"):

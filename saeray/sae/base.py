@@ -100,6 +100,14 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(self.width))
         self.b_dec = nn.Parameter(torch.zeros(self.d_in))
 
+    def default_lr(self) -> float:
+        """Adam learning rate when neither the variant nor the run sets one."""
+        return 1e-3
+
+    def configure_for_run(self, steps: int, batch_tokens: int) -> None:
+        """Resolve settings that depend on the run's length (called once by the trainer before
+        the first step, identically on resume); the default has none."""
+
     def decoder_param(self) -> nn.Parameter:
         """The parameter whose rows are the latent directions (normalised when the method wants it)."""
         return self.W_dec

@@ -33,6 +33,12 @@ def topk_relu(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(pre).scatter_(-1, i, v.relu())
 
 
+def gao_lr(width: int) -> float:
+    """Gao et al.'s width-scaled learning rate, lr ∝ width^-1/2, in dictionary_learning's form
+    2e-4 / sqrt(width / 2^14) (methods.md §2.3); capped at 1e-2 for tiny dictionaries."""
+    return min(1e-2, 2e-4 / (width / 2 ** 14) ** 0.5)
+
+
 class TopKSAE(SAE):
     arch = "topk"
     saelens_arch = "topk"
@@ -85,6 +91,9 @@ class TopKSAE(SAE):
 
     def loss_terms(self, xs, xh, f, pre):
         return {"mse": mse(xh, xs), "auxk": self.aux_loss(xs, xh, pre)}
+
+    def default_lr(self) -> float:
+        return gao_lr(self.width)
 
     def hparams(self) -> dict:
         return {"k": self.k, "aux_alpha": self.aux_alpha, "k_aux": self.k_aux}
