@@ -213,3 +213,21 @@ def test_train_cli_and_audit_unit_give_the_same_sae(tmp_path):
     gba = json.loads((tmp_path / "cli-gba" / "saeray.json").read_text())
     # 24 steps: the controller is sized to the run (window of one batch), not the paper's 50 steps
     assert gba["hparams"]["every"] == 1 and gba["training"]["last_batch"]["lr"] == 2e-2
+
+
+def test_encoder_backward_matches_autograd():
+    """The encoder's hand-written backward (b_dec's gradient from the batch sum) equals autograd's."""
+    from saeray.sae.base import _Encode
+
+    g = torch.Generator().manual_seed(0)
+    x, b_dec = torch.randn(257, 24, generator=g), torch.randn(24, generator=g, requires_grad=True)
+    W, b = torch.randn(24, 96, generator=g, requires_grad=True), torch.randn(96, generator=g, requires_grad=True)
+    up = torch.randn(257, 96, generator=g)
+    ref = ((x - b_dec) @ W + b)
+    grads_ref = torch.autograd.grad((ref * up).sum(), (b_dec, W, b))
+    out = _Encode.apply(x, b_dec, W, b)
+    grads = torch.autograd.grad((out * up).sum(), (b_dec, W, b))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+    assert grads[0].abs().max() > 1.0   # a real gradient reaches b_dec

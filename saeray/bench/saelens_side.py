@@ -199,7 +199,7 @@ def run(a: argparse.Namespace) -> dict:
         (sae, m), = fit(batches, a.dim, [Variant(arch, width, k=kv, l1=l1)], cfg, progress_desc=f"saeray {arch}").values()
         dt = time.perf_counter() - t1
         folder = os.path.join(saes_dir, f"saeray-{arch}")
-        sio.save(sae, folder, info={"bench": "saelens", "train": {"tokens": tokens, "batch_size": bs, "lr": cfg.lr}})
+        sio.save(sae, folder, info={"bench": "saelens", "train": {"tokens": tokens, "batch_size": bs, "lr": m.get("lr")}})
         score(f"saeray-{arch}", "saeray", arch, folder, tokens / dt, dt, mine=sae, k=kv, l1=l1, lr=cfg.lr,
               fit_tokens_per_s=m["tokens_per_s"])
 

@@ -132,6 +132,8 @@ class SAE(nn.Module):
 
     # -- computation ----------------------------------------------------------------------------
     def pre_acts(self, xs: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and not xs.requires_grad and xs.dtype == self.W_enc.dtype:
+            return _Encode.apply(xs, self.b_dec, self.W_enc, self.b_enc)
         return (xs - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode_scaled(self, xs: Tensor) -> tuple[Tensor, Tensor]:
@@ -183,6 +185,25 @@ class SAE(nn.Module):
         """Inverse of :meth:`export` for a module with ``input_scale == 1``."""
         for name, t in tensors.items():
             getattr(self, name).copy_(t)
+
+
+class _Encode(torch.autograd.Function):
+    """``(x − b_dec) @ W_enc + b_enc`` for an input that needs no gradient. Autograd would get
+    b_dec's gradient from a full [B, width] × [width, d] product, ``−g @ W_encᵀ`` summed over the
+    batch; summing first, ``−(Σ_B g) @ W_encᵀ``, is the same number from a vector product: a third
+    of the encoder's backward saved (tests/test_sae_train.py compares both)."""
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc):
+        xc = x - b_dec
+        ctx.save_for_backward(xc, W_enc)
+        return torch.addmm(b_enc, xc, W_enc)
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, W_enc = ctx.saved_tensors
+        gs = g.sum(0)
+        return None, -(W_enc @ gs), xc.t() @ g, gs
 
 
 def mse(xh: Tensor, x: Tensor) -> Tensor:
