@@ -11,7 +11,7 @@ import torch
 from saeray.bench.recovery_family import FAMILY, Setting, _checks, in_gba_range, mcc, run_setting, topk_k
 from saeray.bench.reference_topk import reference_encode, train_reference_topk
 from saeray.sae.synthetic import PlantedFeatures, recovery
-from saeray.sae.topk import gao_lr
+from saeray.sae.base import width_scaled_lr
 
 
 def test_mcc_is_one_for_the_true_code_and_low_for_noise():
@@ -58,7 +58,8 @@ def test_one_setting_scores_every_architecture_with_its_defaults():
     assert set(by) == {"reference", "topk", "batchtopk", "gba", "relu", "gated", "jumprelu"}
     assert by["topk"]["k"] == topk_k(r["setting"]["true_l0"]) and by["gba"]["k"] is None
     # each architecture's default learning rate
-    assert by["gba"]["lr"] == 2e-2 and by["topk"]["lr"] == gao_lr(r["setting"]["width"]) and by["relu"]["lr"] == 1e-3
+    w = r["setting"]["width"]
+    assert by["gba"]["lr"] == 2e-2 and by["topk"]["lr"] == by["relu"]["lr"] == width_scaled_lr(w) > 1e-3
     assert 0 <= by["gba"]["consistency_features"] <= 1
     for row in r["rows"]:
         assert 0 <= row["frr90"] <= row["frr80"] <= 1 and 0 <= row["mcc"] <= 1

@@ -61,6 +61,17 @@ class SAEOutput:
         return self._latents[self._latents > 0]
 
 
+def width_scaled_lr(width: int) -> float:
+    """Gao et al.'s width scaling, lr ∝ width^-1/2, as 6e-4 / sqrt(width / 2^14), capped at 1e-2:
+    the default of every untied architecture. dictionary_learning's TopK constant is 2e-4 at 2^14;
+    on the planted family (3M-token runs) 3× that recovered more with no setting worse — TopK
+    0.938 → 1.000 (d = 96, width 384), 0.883 → 0.941 (d = 32, 8× superposition, width 512) — and
+    the L1 family at a flat 1e-3 recovered far less than at ~3e-3 (ReLU 0.09 vs 0.49, Gated 0.36
+    vs 0.73, JumpReLU 0.38 vs 0.75 on `saeray bench recovery`'s setting, width 256).
+    docs/benchmarks.md, "Recovery across a family"."""
+    return min(1e-2, 6e-4 / (width / 2 ** 14) ** 0.5)
+
+
 def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
     """Weiszfeld's algorithm; the b_dec init used by the TopK and standard-SAE references."""
     x = x.float()
@@ -102,7 +113,7 @@ class SAE(nn.Module):
 
     def default_lr(self) -> float:
         """Adam learning rate when neither the variant nor the run sets one."""
-        return 1e-3
+        return width_scaled_lr(self.width)
 
     def configure_for_run(self, steps: int, batch_tokens: int) -> None:
         """Resolve settings that depend on the run's length (called once by the trainer before

@@ -33,14 +33,6 @@ def topk_relu(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(pre).scatter_(-1, i, v.relu())
 
 
-def gao_lr(width: int) -> float:
-    """Gao et al.'s width scaling, lr ∝ width^-1/2, as 6e-4 / sqrt(width / 2^14), capped at 1e-2.
-    dictionary_learning's constant is 2e-4 at 2^14; on the planted family (3M-token runs) 3× that
-    recovered more, with no setting worse: 0.938 → 1.000 (d = 96, width 384) and 0.883 → 0.941
-    (d = 32, 8× superposition, width 512, at 3e-3) — docs/benchmarks.md, "Recovery across a family"."""
-    return min(1e-2, 6e-4 / (width / 2 ** 14) ** 0.5)
-
-
 class TopKSAE(SAE):
     arch = "topk"
     saelens_arch = "topk"
@@ -93,9 +85,6 @@ class TopKSAE(SAE):
 
     def loss_terms(self, xs, xh, f, pre):
         return {"mse": mse(xh, xs), "auxk": self.aux_loss(xs, xh, pre)}
-
-    def default_lr(self) -> float:
-        return gao_lr(self.width)
 
     def hparams(self) -> dict:
         return {"k": self.k, "aux_alpha": self.aux_alpha, "k_aux": self.k_aux}
