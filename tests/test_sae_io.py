@@ -163,3 +163,30 @@ def test_gba_gate_only_saves_as_jumprelu(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back.encode(x), f, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(back(x).recon, sae(x).recon, rtol=1e-5, atol=1e-5)
+
+
+def test_loads_saelens_topk_with_decoder_norm_rescaling(tmp_path):
+    """SAELens's TopK default (rescale_acts_by_decoder_norm: true) loads with the latents and
+    reconstruction of SAELens's own formula: select on pre·‖W_dec[i]‖, decode acts/‖W_dec[i]‖."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    t = {"W_enc": torch.randn(D, W, generator=g), "b_enc": torch.randn(W, generator=g),
+         "W_dec": torch.randn(W, D, generator=g) * (0.2 + 3 * torch.rand(W, 1, generator=g)),
+         "b_dec": torch.randn(D, generator=g)}
+    folder = tmp_path / "saelens-topk"
+    folder.mkdir()
+    save_file(t, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": D, "d_sae": W, "k": 5,
+                                                 "rescale_acts_by_decoder_norm": True, "apply_b_dec_to_input": True,
+                                                 "normalize_activations": "none", "dtype": "float32"}))
+    x = torch.randn(64, D, generator=g)
+    n = t["W_dec"].norm(dim=1)
+    pre = ((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]) * n
+    v, i = pre.topk(5, dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, i, v.relu())
+    recon = (acts / n) @ t["W_dec"] + t["b_dec"]
+    sae = load(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), acts, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae(x).recon, recon, rtol=1e-5, atol=1e-4)

@@ -80,8 +80,6 @@ def _module_for(cfg: dict) -> SAE:
     if arch == "standard":
         return ReLUSAE(d_in, width, l1=0.0)
     if arch == "topk":
-        if cfg.get("rescale_acts_by_decoder_norm"):
-            raise InputError("cfg.json: topk with rescale_acts_by_decoder_norm=true is not supported")
         return TopKSAE(d_in, width, k=int(cfg["k"]))
     if arch == "jumprelu":
         return JumpReLUSAE(d_in, width)
@@ -89,6 +87,15 @@ def _module_for(cfg: dict) -> SAE:
         return GatedSAE(d_in, width)
     raise InputError(f"cfg.json: architecture '{arch}' is not supported; saeray reads "
                      f"{', '.join(LAYOUT)}")
+
+
+def fold_decoder_norms(t: dict) -> dict:
+    """SAELens's TopK with ``rescale_acts_by_decoder_norm`` selects on ``pre · ‖W_dec[i]‖`` and
+    decodes ``acts / ‖W_dec[i]‖``; scaling encoder column i by that norm and decoder row i by its
+    inverse gives the plain TopK with the same latents and reconstruction (the default of SAELens's
+    TopK training config, so its files load here)."""
+    n = t["W_dec"].norm(dim=1).clamp_min(1e-12)
+    return {**t, "W_enc": t["W_enc"] * n, "b_enc": t["b_enc"] * n, "W_dec": t["W_dec"] / n[:, None]}
 
 
 def load(path_or_url, device: str = "cpu") -> SAE:
@@ -117,7 +124,10 @@ def load(path_or_url, device: str = "cpu") -> SAE:
         want = tuple(dims[s] for s in shape)
         if tuple(tensors[name].shape) != want:
             raise InputError(f"{st.url_of(WEIGHTS)}: {name} has shape {tuple(tensors[name].shape)}, expected {want}")
-    sae.load_export({k: v.float() for k, v in tensors.items()})
+    tensors = {k: v.float() for k, v in tensors.items()}
+    if cfg.get("architecture") == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        tensors = fold_decoder_norms(tensors)
+    sae.load_export(tensors)
     if st.exists(META):
         sae.info = st.read_json(META)
     return sae.to(device).eval()
