@@ -63,11 +63,12 @@ class SAEOutput:
 
 def width_scaled_lr(width: int) -> float:
     """Gao et al.'s width scaling, lr ∝ width^-1/2, as 6e-4 / sqrt(width / 2^14), capped at 1e-2:
-    the default of every untied architecture. dictionary_learning's TopK constant is 2e-4 at 2^14;
-    on the planted family (3M-token runs) 3× that recovered more with no setting worse — TopK
-    0.938 → 1.000 (d = 96, width 384), 0.883 → 0.941 (d = 32, 8× superposition, width 512) — and
-    the L1 family at a flat 1e-3 recovered far less than at ~3e-3 (ReLU 0.09 vs 0.49, Gated 0.36
-    vs 0.73, JumpReLU 0.38 vs 0.75 on `saeray bench recovery`'s setting, width 256).
+    the default of every untied architecture. dictionary_learning's TopK constant is 2e-4 at 2^14
+    (1.1-1.3e-3 at the widths below); on the planted family (3M-token runs) about 3× that recovered
+    more than ~1e-3 with no setting worse — TopK 0.938 → 1.000 (d = 96, width 384, 1e-3 vs 3.9e-3),
+    0.883 → 0.941 (d = 32, 8× superposition, width 512, 1e-3 vs 3e-3) — and the L1 family at a flat
+    1e-3 recovered far less than at the width-scaled 4.8e-3 (ReLU 0.09 vs 0.55, Gated 0.36 vs 0.82,
+    JumpReLU 0.38 vs 0.77 on `saeray bench recovery`'s setting, width 256).
     docs/benchmarks.md, "Recovery across a family"."""
     return min(1e-2, 6e-4 / (width / 2 ** 14) ** 0.5)
 
