@@ -176,8 +176,6 @@ def in_gba_range(s: Setting) -> bool:
 def run_family(out: str, tokens: int = 3_000_000, seeds: int = 2, only: list[str] | None = None,
                address: str | None = None) -> dict:
     """Every setting of :data:`FAMILY` (or those named in ``only``) as one Ray task each."""
-    import ray
-
     from ..raycluster import connect
 
     settings = [s for s in FAMILY if not only or s.name in only]
@@ -186,14 +184,16 @@ def run_family(out: str, tokens: int = 3_000_000, seeds: int = 2, only: list[str
         from ..errors import InputError
 
         raise InputError(f"--settings: unknown {sorted(unknown)}; valid: {', '.join(s.name for s in FAMILY)}")
-    connect(address)
+    connect(address)   # before `import ray`: a local Ray reads its loopback settings at import time
+    import ray
+
     task = ray.remote(num_cpus=1)(run_setting)
     t0 = time.perf_counter()
     refs = {task.remote(s, tokens, seeds=seeds): s for s in settings}
     results, pending = [], list(refs)
     from ..progress import progress
 
-    with progress("bench recovery --family", total=len(settings), unit="setting") as p:
+    with progress("bench recovery --family", total=len(settings), unit="settings") as p:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             results.append(ray.get(done[0]))
