@@ -65,6 +65,13 @@ def fit_dataset(ds: ActivationDataset, variants: list[Variant], tokens: int, bat
     return res, tcfg
 
 
+def shuffled_sample(ds: ActivationDataset, rows: int):
+    """Up to ``rows`` rows of ``ds`` in another shuffle (seed + 1) than training's: the quick
+    metrics both training entry points record (no held-out split exists in stored activations)."""
+    other = replace(ds, seed=ds.seed + 1)
+    return _take_rows(other.batches(tokens=min(rows, ds.num_rows)), rows)
+
+
 def sample_metrics(sae, ds_sample) -> dict:
     ev = evaluate(sae, ds_sample)
     ev.pop("freq")
@@ -92,9 +99,7 @@ def train_on_activations(activations: str, arch: str, width: int, out: str, k: i
                            checkpoint_every=checkpoint_every, ckpt=out_store / "checkpoint",
                            progress_desc=f"train {variant.name}")
     sae, train_metrics = res[variant.name]
-    # metrics on a differently shuffled sample of the same data (no held-out split exists here)
-    ev_ds = ActivationDataset(activations, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed + 1)
-    ev = sample_metrics(sae, _take_rows(ev_ds.batches(tokens=min(eval_tokens, ds.num_rows)), eval_tokens))
+    ev = sample_metrics(sae, shuffled_sample(ds, eval_tokens))
     ev["dead_frac_train_window"] = float(sae.dead_mask().float().mean())
     info = {"training": training_info(cfg, variant, train_metrics),
             "metrics": ev, "provenance": {"activations": activations, "files": len(ds.files), "rows": ds.num_rows,

@@ -75,8 +75,8 @@ def train_unit(cfg: UnitConfig, on_step=None) -> dict:
 
     from ..harvest.reader import ActivationDataset
     from ..sae import io
-    from ..sae.run import fit_dataset, sample_metrics, training_info
-    from ..sae.train import Variant, _take_rows, dist_rank_world
+    from ..sae.run import fit_dataset, sample_metrics, shuffled_sample, training_info
+    from ..sae.train import Variant, dist_rank_world
     from ..store import Store
 
     if cfg.threads:
@@ -94,9 +94,7 @@ def train_unit(cfg: UnitConfig, on_step=None) -> dict:
         return {}
     # quick metrics on a differently shuffled sample of the training data; the evaluate stage
     # measures held-out tokens inside the model
-    sample = _take_rows(ActivationDataset.from_run(run, cfg.hookpoint, batch_size=cfg.batch_size,
-                                                   shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + 1)
-                        .batches(tokens=min(16_384, ds.num_rows)), 16_384)
+    sample = shuffled_sample(ds, 16_384)
     out = {}
     for v in variants:
         sae, last = res[v.name]
