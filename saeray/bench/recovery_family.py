@@ -92,19 +92,20 @@ def mcc(h: np.ndarray, z: np.ndarray) -> float:
 def _score(dirs: np.ndarray, z: np.ndarray, V: np.ndarray, h: np.ndarray) -> dict:
     from ..sae.synthetic import recovery
 
-    r9 = recovery(dirs, V, 0.9)
-    return {"frr90": r9["frr"], "frr80": recovery(dirs, V, 0.8)["frr"], "mean_best_cos": r9["mean_best_cos"],
-            "mcc": mcc(h, z), "l0": float((z != 0).sum(1).mean()), "dead_frac": float(((z != 0).sum(0) == 0).mean()),
-            "best_cos": r9["best_cos"]}
+    r = recovery(dirs, V, 0.9)
+    fired = z != 0
+    return {"frr90": r["frr"], "frr80": float((r["best_cos"] >= 0.8).mean()), "mean_best_cos": r["mean_best_cos"],
+            "mcc": mcc(h, z), "l0": float(fired.sum(1).mean()), "dead_frac": float((~fired.any(0)).mean()),
+            "best_cos": r["best_cos"], "dirs": dirs, "alive": fired.any(0)}
 
 
 def run_setting(s: Setting, tokens: int, batch_size: int = 1024, seeds: int = 2) -> dict:
     """Train and score every architecture on one setting (single-threaded; a Ray task body)."""
     import torch
 
-    from ..sae.synthetic import PlantedFeatures
+    from ..sae.synthetic import PlantedFeatures, consistency
     from ..sae.train import TrainConfig, Variant, fit
-    from .reference_topk import reference_encode, train_reference_topk
+    from .reference_topk import REFERENCE_LR, reference_encode, train_reference_topk
 
     torch.set_num_threads(1)
     pf = PlantedFeatures(d=s.d, n=s.n, f_min=s.f_min, f_max=s.f_max, magnitude=s.magnitude,
@@ -131,7 +132,7 @@ def run_setting(s: Setting, tokens: int, batch_size: int = 1024, seeds: int = 2)
     for sd, p in enumerate(refs):
         with torch.no_grad():
             z = reference_encode(p, xt, k).numpy()
-        runs[f"reference-s{sd}"] = {**_score(p["W_dec"].numpy(), z, pf.V, h_eval), "lr": 1e-3}
+        runs[f"reference-s{sd}"] = {**_score(p["W_dec"].numpy(), z, pf.V, h_eval), "lr": REFERENCE_LR}
     rows = []
     for arch in ("reference",) + MAIN:
         rs = [runs[f"{arch}-s{sd}"] for sd in range(seeds)]
@@ -141,11 +142,7 @@ def run_setting(s: Setting, tokens: int, batch_size: int = 1024, seeds: int = 2)
         if arch == "gba" and seeds >= 2:
             both = np.minimum(rs[0]["best_cos"], rs[1]["best_cos"]) >= 0.9
             row["consistency_features"] = float(both.mean())
-            d0, d1 = res["gba-s0"][0].directions().numpy(), res["gba-s1"][0].directions().numpy()
-            from ..sae.synthetic import consistency
-
-            z0 = res["gba-s0"][0].encode(xt).detach().numpy()
-            row["consistency_latents"] = consistency(d0, d1, alive=(z0 != 0).any(0))
+            row["consistency_latents"] = consistency(rs[0]["dirs"], rs[1]["dirs"], alive=rs[0]["alive"])
         rows.append(row)
     for arch, l1s in L1S.items():
         cands = [runs[f"{arch}-l1{l1:g}"] for l1 in l1s]

@@ -12,7 +12,10 @@ import numpy as np
 import torch
 
 
-def train_reference_topk(batches: Iterable[np.ndarray], d: int, width: int, k: int, lr: float = 1e-3,
+REFERENCE_LR = 1e-3
+
+
+def train_reference_topk(batches: Iterable[np.ndarray], d: int, width: int, k: int, lr: float = REFERENCE_LR,
                          seed: int = 0) -> dict[str, torch.Tensor]:
     """Train on every batch once; returns the parameters (``W_dec`` rows are the directions)."""
     g = torch.Generator().manual_seed(seed)
