@@ -18,6 +18,10 @@ _TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+    # every training unit is launched at once and queues for CPUs/GPUs behind the others; Train's
+    # 60 s worker-group start timeout counted that wait as a failure (seen in the default audit:
+    # 4 units on 2 CPUs, each run ~100 s), and four such waits would use up max_failures
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "21600",
 }
 
 
