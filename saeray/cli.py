@@ -76,8 +76,9 @@ def audit(
     spec: str = typer.Argument(..., help="audit spec YAML (local path or s3://...)"),
     json_out: bool = typer.Option(False, "--json", help="print the run summary as one JSON line last"),
 ) -> None:
-    """Run the whole audit: harvest -> train SAEs -> evaluate -> report. Re-running resumes."""
-    from .audit import run_audit
+    """Run the whole audit for every target (model x revision): harvest -> train SAEs -> evaluate ->
+    report. Re-running resumes."""
+    from .run.audit import run_audit
     from .spec import load_spec
 
     s = load_spec(spec)
@@ -163,25 +164,23 @@ def zoo_list(
 @app.command()
 def harvest(
     spec: str = typer.Argument(..., help="audit spec YAML (local path or s3://...)"),
-    revision: Optional[str] = typer.Option(None, "--revision", help="checkpoint to harvest (default: the spec's first)"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="harvest this checkpoint of every model "
+                                           "instead of the spec's revisions (its own target folder)"),
     json_out: bool = typer.Option(False, "--json", help="print totals as one JSON line last"),
 ) -> None:
-    """Harvest activations of the spec's hook points into Parquet in the store (resumes)."""
-
-    from .audit import open_run, run_stage
-    from .harvest.run import run_harvest
-    from .raycluster import connect
+    """Harvest activations of the spec's hook points into Parquet, for every target (resumes)."""
+    from .run.audit import open_run, run_targets
     from .spec import load_spec
 
     s = load_spec(spec)
-    ctx = open_run(s, state.store)
-    connect(state.address)
-    rev = revision or ctx.resolved.model.revisions[0]
-    out = run_stage(ctx, "harvest", lambda c: run_harvest(c.resolved, c.store, c.manifest, rev))
+    rc = open_run(s, state.store, revision)
+    results = run_targets(rc, ["harvest"], state.address)
+    out = {tid: r["harvest"].to_dict() for tid, r in results.items()}
     if json_out:
-        print_json({"run": ctx.store.url, **out})
+        print_json({"run": rc.store.url, "targets": out})
     else:
-        typer.echo(f"activations: {ctx.store.url_of('acts')} ({out.get('rows')} rows per hook point)")
+        for t in rc.targets:
+            typer.echo(f"{t}: {rc.store.url_of(t.folder + '/acts')} ({out[t.id]['rows']} rows per hook point)")
 
 
 @bench_app.command("harvest")
@@ -208,6 +207,31 @@ def bench_harvest(
     cfg = HarvestBenchConfig(models=kinds, docs=docs, gpt2_docs=gpt2_docs, batch_size=batch_size, gpt2_batch_size=gpt2_batch_size,
                              context_len=context_len, threads=threads, s3=s3, memory_docs=memory_docs, workdir=workdir)
     res = run_bench(cfg, state.address)
+    typer.echo(render(res))
+    if json_out:
+        print_json(res)
+
+
+@bench_app.command("store")
+def bench_store(
+    units: str = typer.Option("300,3000", "--units", help="comma list of unit counts N to record (ratio: last / first)"),
+    hookpoints: int = typer.Option(72, "--hookpoints", min=1, help="hook points per unit record (72 = 24 layers x 3 sites)"),
+    s3: bool = typer.Option(True, "--s3/--no-s3", help="measure S3 write amplification on a moto server on 127.0.0.1"),
+    s3_files: str = typer.Option("20x1,2x64", "--s3-files", help="files written to S3, comma list of COUNTxMiB"),
+    workdir: Optional[str] = typer.Option(None, "--workdir", help="keep the local record folders here (default: temporary)"),
+    json_out: bool = typer.Option(False, "--json", help="print the figures as one JSON line last"),
+) -> None:
+    """Bytes written to record N finished units (per-unit records vs the old manifest rewrite), and S3 bytes per data byte."""
+    from .bench.store_writes import StoreBenchConfig, parse_s3_files, render, run_bench
+
+    try:
+        ns = tuple(int(u) for u in units.split(",") if u.strip())
+    except ValueError:
+        raise InputError(f"--units: {units!r} is not a comma list of whole numbers (e.g. 300,3000)") from None
+    if not ns or min(ns) < 1:
+        raise InputError(f"--units: {units!r}: give one or more counts >= 1 (e.g. 300,3000)")
+    cfg = StoreBenchConfig(units=ns, hookpoints=hookpoints, s3=s3, s3_files=parse_s3_files(s3_files), workdir=workdir)
+    res = run_bench(cfg)
     typer.echo(render(res))
     if json_out:
         print_json(res)

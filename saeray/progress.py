@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -64,29 +65,50 @@ class _Progress:
         log.info(msg + (f" {extra}" if extra else ""))
 
 
+_shared: dict = {"rich": None, "users": 0}
+_shared_lock = threading.Lock()
+
+
+def _rich_progress(unit: str):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class _Speed(ProgressColumn):
+        def render(self, task):  # rich's speed is None until it has two samples
+            u = task.fields.get("unit", unit)
+            return Text(f"{task.speed:,.0f} {u}/s" if task.speed else f"- {u}/s")
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Speed(),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[fields]}"),
+    )
+
+
 @contextmanager
 def progress(desc: str, total: float | None = None, unit: str = "it", every_s: float = 10.0) -> Iterator[_Progress]:
+    """Several bars may be open at once (targets run side by side): on a terminal they share one
+    live display, one row each."""
     p = _Progress(desc, total, unit, every_s)
     if _is_tty():
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
-                                   TextColumn, TimeElapsedColumn, TimeRemainingColumn)
-        from rich.text import Text
-
-        class _Speed(ProgressColumn):
-            def render(self, task):  # rich's speed is None until it has two samples
-                return Text(f"{task.speed:,.0f} {unit}/s" if task.speed else f"- {unit}/s")
-
-        rp = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Speed(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[fields]}"),
-        )
+        with _shared_lock:
+            if _shared["rich"] is None:
+                _shared["rich"] = _rich_progress(unit)
+                _shared["rich"].start()
+            _shared["users"] += 1
+            rp = _shared["rich"]
         p._rich = rp
-        rp.start()
-        p._task = rp.add_task(desc, total=total, fields="")
+        p._task = rp.add_task(desc, total=total, fields="", unit=unit)
         try:
             yield p
         finally:
-            rp.stop()
+            with _shared_lock:
+                _shared["users"] -= 1
+                if _shared["users"] == 0:
+                    rp.stop()
+                    _shared["rich"] = None
+                else:
+                    rp.remove_task(p._task)
     else:
         log.info(f"{desc}: started" + (f" ({total:.0f} {unit})" if total else ""))
         try:

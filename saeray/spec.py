@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -41,10 +41,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+REVISION_KEYWORDS = ("all", "latest")
+
+
 class ModelSpec(_Strict):
     name: str = Field(description="HF model id, local folder, or a storyworld zoo model (storyworld-2l/4l/6l)")
     revisions: list[str] = Field(default_factory=lambda: ["main"], min_length=1,
-                                 description="checkpoints to audit, e.g. [step1000, main]")
+                                 description="checkpoints to audit, e.g. [step1000, main]; 'all' (every checkpoint "
+                                 "of a local checkpoint folder) or 'latest' (the newest)")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     trust_remote_code: bool = False
 
@@ -53,6 +57,19 @@ class ModelSpec(_Strict):
     def _name(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must name a model (HF id, local path or storyworld-4l)")
+        return v
+
+    @field_validator("revisions", mode="before")
+    @classmethod
+    def _revisions(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v   # `revisions: all` reads as [all]
+
+    @field_validator("revisions")
+    @classmethod
+    def _revision_names(cls, v: list[str]) -> list[str]:
+        for r in v:
+            if not r.strip() or "/" in r or r.startswith("."):
+                raise ValueError(f"revision {r!r} is not a checkpoint name (e.g. main, step1000, all, latest)")
         return v
 
 
@@ -147,6 +164,24 @@ class ActorResources(_Strict):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     memory_gb: Optional[float] = Field(None, gt=0)
+    custom: dict[str, float] = Field(default_factory=dict, description="Ray custom resources per actor, e.g. "
+                                     "{a100: 1} to pin work to the nodes that declare them")
+
+    @field_validator("custom")
+    @classmethod
+    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, x in v.items():
+            if k in ("CPU", "GPU", "memory", "object_store_memory") or x <= 0:
+                raise ValueError(f"custom resource {k}: {x} must be a positive amount of a resource other than "
+                                 "CPU/GPU/memory (those have their own fields)")
+        return v
+
+    def ray_options(self) -> dict[str, Any]:
+        """As Ray actor/bundle resources."""
+        out: dict[str, Any] = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.custom}
+        if self.memory_gb:
+            out["memory"] = int(self.memory_gb * 2**30)
+        return {k: v for k, v in out.items() if v}
 
 
 class ResourcesSpec(_Strict):
@@ -158,7 +193,8 @@ class ResourcesSpec(_Strict):
 class AuditSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
                       description="run name: the run folder in the store; re-running the same name resumes")
-    model: ModelSpec
+    model: Union[ModelSpec, list[ModelSpec]] = Field(description="one model, or a list of models; each with "
+                                                      "its revisions (a target = one model at one revision)")
     corpus: CorpusSpec = Field(default_factory=CorpusSpec)
     hookpoints: list[HookPointName] = Field(min_length=1)
     harvest: HarvestSpec = Field(default_factory=HarvestSpec)
@@ -166,6 +202,22 @@ class AuditSpec(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @field_validator("model")
+    @classmethod
+    def _models(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("name at least one model")
+            names = [m.name for m in v]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"model {dup[0]!r} is listed twice; give it once with all its revisions")
+        return v
+
+    @property
+    def models(self) -> list[ModelSpec]:
+        return list(self.model) if isinstance(self.model, list) else [self.model]
 
     @field_validator("store", mode="before")
     @classmethod

@@ -154,7 +154,7 @@ def forward_rate(spec, threads: int) -> dict:
     from ..modelref import resolve_model
     from ..models.shard import Stage
 
-    ref = resolve_model(spec.model)
+    ref = resolve_model(spec.models[0])
     ctx = Corpus(spec.corpus, ref.tokenizer()).contexts(0, spec.corpus.n_docs)
     B = spec.harvest.batch_size
     batches = [(torch.from_numpy(ctx.ids[a:a + B]), int(ctx.keep[a:a + B].sum())) for a in range(0, len(ctx), B)]
@@ -162,7 +162,7 @@ def forward_rate(spec, threads: int) -> dict:
     torch.set_num_threads(threads)
     try:
         stage = Stage.from_pretrained(ref.path, (0, ref.config().num_hidden_layers), revision=ref.revision,
-                                      dtype=spec.model.dtype)
+                                      dtype=ref.dtype)
         with torch.inference_mode():
             stage(batches[0][0], logits=False)  # warm-up: first-call allocations, not timed
             t0 = time.perf_counter()
@@ -178,15 +178,17 @@ def forward_rate(spec, threads: int) -> dict:
 
 
 def harvest_rate(spec, threads: int) -> dict:
-    """(b)/(c): one real harvest through open_run + run_harvest, driver RSS sampled throughout."""
-    from ..audit import open_run
-    from ..harvest.run import run_harvest
+    """(b)/(c): one real harvest through the audit's own stage runner, driver RSS sampled throughout
+    (the shard actor gets ``threads`` CPUs, hence ``threads`` torch threads)."""
+    from ..run.audit import open_run, run_targets
 
-    ctx = open_run(spec)
+    rc = open_run(spec)
     with RssSampler() as rss:
         t0 = time.perf_counter()
-        out = run_harvest(ctx.resolved, ctx.store, ctx.manifest, threads_per_actor=threads)
+        res = run_targets(rc, ["harvest"])[rc.targets[0].id]["harvest"]
         wall = time.perf_counter() - t0
+    out = {"rows": res.rows, "bytes": res.bytes, "units": res.units, **res.timing}
+    ctx = rc.target(rc.targets[0])
     tokens, nbytes = out["rows"], out["bytes"]
     steady = out.get("steady_tokens_per_s") or tokens / wall
     steady_wall = out.get("steady_wall_s") or wall

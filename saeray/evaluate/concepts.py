@@ -83,6 +83,13 @@ class ConceptScorer:
         self.hits += yd.T @ f
         self.pos += yd.sum(0)
 
+    def merge_counts(self, other: "ConceptScorer") -> "ConceptScorer":
+        """Add another scorer's pass-1 counts (evaluation items are scored apart and summed)."""
+        self.fires += other.fires
+        self.hits += other.hits
+        self.pos += other.pos
+        return self
+
     def choose(self) -> None:
         f1 = 2 * self.hits / (self.fires[None, :] + self.pos[:, None]).clamp_min(1e-12)
         self.f1_all = f1

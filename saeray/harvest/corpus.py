@@ -17,7 +17,10 @@ A work unit is ``unit_contexts`` consecutive contexts: unit ``u`` covers context
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -64,7 +67,9 @@ def _pack(token_lists: list[list[int]], first_doc: int, T: int, bos: int | None,
 
 
 class Corpus:
-    """Contexts in a fixed order for one (corpus spec, tokenizer)."""
+    """Contexts in a fixed order for one (corpus spec, tokenizer). Get one with :func:`corpus_for`,
+    which tokenizes a text corpus once per tokenizer and hands the same object to every stage and
+    target that shares it (evaluation's held-out contexts are a slice of the same tokens)."""
 
     def __init__(self, corpus_spec, tokenizer):
         self.spec = corpus_spec
@@ -74,7 +79,8 @@ class Corpus:
         self.is_storyworld = corpus_spec.source == "storyworld"
         if not self.is_storyworld:
             self.files = _list_text_files(corpus_spec.source)
-        self._cursor: tuple[int, Iterator[list[int]]] | None = None  # (index of the next context, stream)
+        self._flat: np.ndarray | None = None    # text sources: every token the run needs, in order
+        self._lock = threading.Lock()
 
     # -- storyworld -------------------------------------------------------------------------------
     def _storyworld(self, start: int, stop: int, split: str) -> Contexts:
@@ -85,38 +91,64 @@ class Corpus:
         return _pack(enc, start, self.T, self.bos, self.pad, self.spec.drop_bos)
 
     # -- text files -------------------------------------------------------------------------------
-    def _text_contexts(self) -> Iterator[list[int]]:
-        """Token lists of length T - (1 if BOS) in corpus order, forever-free (stops at the end)."""
-        body = self.T - (1 if self.bos is not None else 0)
-        buf: list[int] = []
-        for text in _iter_texts(self.files, self.spec.text_field):
-            buf.extend(self.tok(text, add_special_tokens=False)["input_ids"])
-            if self.eos is not None:
-                buf.append(self.eos)
-            while len(buf) >= body:
-                yield buf[:body]
-                buf = buf[body:]
+    @property
+    def body(self) -> int:
+        return self.T - (1 if self.bos is not None else 0)
+
+    def tokens(self) -> np.ndarray:
+        """The corpus as one token stream (documents joined with EOS), cut after the last token the
+        harvested and held-out contexts need. Linear in corpus size: documents are tokenized in
+        batches and concatenated once."""
+        with self._lock:
+            if self._flat is None:
+                need = (self.spec.n_docs + self.spec.heldout_docs) * self.body
+                parts: list[np.ndarray] = []
+                total = 0
+                texts: list[str] = []
+
+                def flush() -> None:
+                    nonlocal total
+                    for ids in self.tok(texts, add_special_tokens=False)["input_ids"]:
+                        if self.eos is not None:
+                            ids = [*ids, self.eos]
+                        parts.append(np.asarray(ids, dtype=np.int64))
+                        total += len(ids)
+                    texts.clear()
+
+                for text in _iter_texts(self.files, self.spec.text_field):
+                    texts.append(text)
+                    if len(texts) >= 256:
+                        flush()
+                        if total >= need:
+                            break
+                if texts:
+                    flush()
+                self._flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            return self._flat
+
+    def available(self) -> int:
+        """Whole contexts the corpus holds (text sources; storyworld is unbounded)."""
+        if self.is_storyworld:
+            return 1 << 62
+        return len(self.tokens()) // self.body
 
     def _text(self, start: int, stop: int) -> Contexts:
-        # Units are asked for in order, so the stream carries on from where the last one stopped
-        # instead of re-reading and re-tokenizing the corpus from its start for every unit
-        # (quadratic in the corpus); a request behind the cursor (a retried unit) starts over.
-        if self._cursor is None or self._cursor[0] > start:
-            self._cursor = (0, self._text_contexts())
-        i, stream = self._cursor
-        out = []
-        while i < stop:
-            toks = next(stream, None)
-            if toks is None:
-                break
-            if i >= start:
-                out.append(toks)
-            i += 1
-        self._cursor = (i, stream)
-        if len(out) < stop - start:
-            raise InputError(f"corpus {self.spec.source}: only {i} contexts of {self.T} tokens available, "
+        flat = self.tokens()
+        have = len(flat) // self.body
+        if stop > have:
+            raise InputError(f"corpus {self.spec.source}: only {have} contexts of {self.T} tokens available, "
                              f"{stop} needed; lower corpus.n_docs / corpus.heldout_docs or add text")
-        return _pack(out, start, self.T, self.bos, self.pad, self.spec.drop_bos)
+        body = flat[start * self.body: stop * self.body].reshape(stop - start, self.body)
+        n = stop - start
+        ids = np.empty((n, self.T), dtype=np.int64)
+        keep = np.ones((n, self.T), dtype=bool)
+        if self.bos is not None:
+            ids[:, 0] = self.bos
+            ids[:, 1:] = body
+            keep[:, 0] = not self.spec.drop_bos
+        else:
+            ids[:] = body
+        return Contexts(np.arange(start, stop, dtype=np.int64), ids, keep)
 
     # -- public -----------------------------------------------------------------------------------
     def contexts(self, start: int, stop: int) -> Contexts:
@@ -131,7 +163,41 @@ class Corpus:
         n, h = self.spec.n_docs, self.spec.heldout_docs
         if self.is_storyworld:
             return self._storyworld(0, h, "heldout")
-        c = self._text(n, n + h)
+        return self._text(n, n + h)
+
+    def check(self, need_heldout: bool) -> None:
+        """Fail before any forward pass when the corpus cannot supply what the run asks for."""
+        need = self.spec.n_docs + (self.spec.heldout_docs if need_heldout else 0)
+        have = self.available()
+        if have < need:
+            raise InputError(f"corpus.source {self.spec.source!r}: holds {have} contexts of {self.T} tokens, the run "
+                             f"needs {need} (corpus.n_docs {self.spec.n_docs}"
+                             f"{f' + corpus.heldout_docs {self.spec.heldout_docs}' if need_heldout else ''}); "
+                             "lower them or add text")
+
+
+def tokenizer_key(tokenizer) -> str:
+    """Identifies a tokenizer by what it does (its serialized form), so checkpoints of one model
+    share one tokenization."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_CORPORA: "OrderedDict[tuple, Corpus]" = OrderedDict()
+_CORPORA_LOCK = threading.Lock()
+
+
+def corpus_for(corpus_spec, tokenizer, keep: int = 4) -> Corpus:
+    """The :class:`Corpus` of (corpus spec, tokenizer), shared by every caller in this process."""
+    key = (tokenizer_key(tokenizer), json.dumps(corpus_spec.model_dump(mode="json"), sort_keys=True))
+    with _CORPORA_LOCK:
+        if key in _CORPORA:
+            _CORPORA.move_to_end(key)
+            return _CORPORA[key]
+        c = _CORPORA[key] = Corpus(corpus_spec, tokenizer)
+        while len(_CORPORA) > keep:
+            _CORPORA.popitem(last=False)
         return c
 
 

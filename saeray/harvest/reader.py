@@ -3,8 +3,8 @@ read file by file with a background prefetch, a shuffle buffer, and exact epoch 
 row exactly once per epoch, order a pure function of (seed, epoch) so a resumed run sees the same
 stream).
 
-Two ways in: :meth:`ActivationDataset.from_run` lists only the units the run manifest records as
-done (a file written by a crashed unit never leaks in); :class:`ActivationDataset` on a URL takes
+Two ways in: :meth:`ActivationDataset.from_target` lists only the units a target's harvest records
+as done (a file written by a crashed unit never leaks in); :class:`ActivationDataset` on a URL takes
 every ``*.parquet`` under it (any dataset with a fixed-size-list ``act`` column).
 """
 from __future__ import annotations
@@ -53,16 +53,17 @@ class ActivationDataset:
         self._rows: int | None = None
 
     @classmethod
-    def from_run(cls, run: Store, hookpoint: str, **kw) -> "ActivationDataset":
-        from ..manifest import Manifest
+    def from_target(cls, target: Store, hookpoint: str, **kw) -> "ActivationDataset":
+        """The recorded units of ``hookpoint`` in a target's folder (``<run>/targets/<model>@<rev>``)."""
+        from ..run.records import Records
 
-        units = Manifest.load(run).data.get("harvest", {}).get("units", {})
+        units = Records(target, "harvest").load()
         files = [u["files"][hookpoint]["path"] for _, u in sorted(units.items()) if hookpoint in u["files"]]
         if not files:
-            raise InputError(f"run {run.url}: no harvested units for hook point {hookpoint}; run the harvest first")
+            raise InputError(f"{target.url}: no harvested units for hook point {hookpoint}; run the harvest first")
         prefix = "acts/" + hookpoint + "/"
-        return cls(run.url_of("acts/" + hookpoint), files=[f[len(prefix):] if f.startswith(prefix) else f for f in files],
-                   store_options=run.options, **kw)
+        return cls(target.url_of("acts/" + hookpoint), files=[f[len(prefix):] if f.startswith(prefix) else f for f in files],
+                   store_options=target.options, **kw)
 
     # -- metadata ---------------------------------------------------------------------------------
     def _schema(self, rel: str):

@@ -12,7 +12,7 @@ import math
 from ..evaluate.concepts import F1_FOUND
 from .plots import tradeoff_png
 
-COLUMNS = (("hookpoint", "hook point"), ("arch", "arch"), ("width", "width"), ("k", "k"), ("l1", "l1"),
+COLUMNS = (("model", "model"), ("revision", "revision"), ("hookpoint", "hook point"), ("arch", "arch"), ("width", "width"), ("k", "k"), ("l1", "l1"),
            ("l0", "L0"), ("fvu", "FVU"), ("ce_loss_recovered", "CE recovered"), ("kl", "KL"),
            ("dead_frac", "dead"), (f"concepts_f1_{F1_FOUND}", f"concepts F1≥{F1_FOUND}"),
            ("mean_best_f1", "mean best F1"))
@@ -45,7 +45,7 @@ def _img(png: bytes | None, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def render(summary: dict, eval_detail: dict | None = None) -> tuple[str, dict[str, bytes]]:
+def render(summary: dict, eval_details: dict[str, dict] | None = None) -> tuple[str, dict[str, bytes]]:
     """The page and the PNGs (also written next to it, for people who want the files)."""
     rows = summary["saes"]
     pngs = {}
@@ -57,22 +57,27 @@ def render(summary: dict, eval_detail: dict | None = None) -> tuple[str, dict[st
         pngs["l0_vs_ce_loss_recovered.png"] = p2
     parts = [f"<!doctype html><meta charset=utf-8><title>saeray audit: {html.escape(summary['run'])}</title>",
              f"<style>{CSS}</style>", f"<h1>saeray audit: {html.escape(summary['run'])}</h1>",
-             f"<p>model <b>{html.escape(_fmt(summary.get('model')))}</b> revision "
-             f"{html.escape(_fmt(summary.get('revision')))}; {html.escape(_fmt(summary.get('harvest_rows')))} "
-             f"harvested tokens per hook point; clean held-out loss {html.escape(_fmt(summary.get('loss_clean')))}</p>",
+             "<h2>Targets</h2>",
+             _table(["model", "revision", "harvested tokens per hook point", "clean held-out loss"],
+                    [[t["model"], t["revision"], t.get("harvest_rows"), t.get("loss_clean")]
+                     for t in summary.get("targets", [])], left=2),
              "<h2>Stage times (s)</h2>",
-             _table(["stage", "wall s"], [[k, v] for k, v in summary.get("stage_wall_s", {}).items()]),
+             _table(["target", "harvest", "train", "evaluate"],
+                    [[tid, *(w.get(s) for s in ("harvest", "train", "evaluate"))]
+                     for tid, w in summary.get("stage_wall_s", {}).items() if isinstance(w, dict)]),
              "<h2>SAEs</h2>",
-             _table([c[1] for c in COLUMNS], [[r.get(k) for k, _ in COLUMNS] for r in rows], left=2),
+             _table([c[1] for c in COLUMNS], [[r.get(k) for k, _ in COLUMNS] for r in rows], left=4),
              "<p class=muted>L0, FVU, dead: on held-out tokens. CE recovered = (L_zero − L_sae)/(L_zero − L_clean), "
              "zero-ablation reference. KL: mean per-token KL(clean ‖ spliced).</p>",
              "<h2>Trade-offs</h2>", _img(p1, "L0 vs FVU"), _img(p2, "L0 vs CE loss recovered")]
-    if eval_detail and eval_detail.get("concept_names"):
-        names = eval_detail["concept_names"]
-        parts.append("<h2>Planted concepts: best single latent (F1 / AUROC)</h2>")
+    for tid, detail in (eval_details or {}).items():
+        if not detail.get("concept_names"):
+            continue
+        names = detail["concept_names"]
+        parts.append(f"<h2>Planted concepts in {html.escape(tid)}: best single latent (F1 / AUROC)</h2>")
         header = ["concept"]
         cols = []
-        for hp, d in eval_detail["saes"].items():
+        for hp, d in detail["saes"].items():
             for n, r in d.items():
                 if "concepts" in r:
                     header.append(f"{hp} {n}")
@@ -80,17 +85,23 @@ def render(summary: dict, eval_detail: dict | None = None) -> tuple[str, dict[st
         table_rows = [[c] + [f"{col[c]['f1']:.2f} / {col[c]['auroc']:.2f}" if c in col else None for col in cols]
                       for c in names]
         parts.append(_table(header, table_rows))
-    parts.append("<p class=muted>Files: summary.json (this table), eval.json (per-concept detail).</p>")
+    parts.append("<p class=muted>Files: summary.json (this table); targets/&lt;model&gt;@&lt;revision&gt;/eval.json "
+                 "(per-concept detail).</p>")
     return "\n".join(parts), pngs
 
 
-def report_stage(ctx) -> dict:
+def report_stage(rc) -> dict:
+    """The run-level report over every target (always rebuilt: cheap, and reflects the manifest)."""
     from .summary import build_summary
 
-    run = ctx.store
-    summary = build_summary(ctx.manifest.data, run.url)
-    detail = run.read_json("report/eval.json") if run.exists("report/eval.json") else None
-    page, pngs = render(summary, detail)
+    run = rc.store
+    summary = build_summary(rc.manifest.data, run.url)
+    details = {}
+    for t in summary["targets"]:
+        rel = f"{t['folder']}/eval.json"
+        if run.exists(rel):
+            details[t["target"]] = run.read_json(rel)
+    page, pngs = render(summary, details)
     for name, data in pngs.items():
         run.write_bytes(f"report/{name}", data)
     run.write_bytes("report/index.html", page.encode())

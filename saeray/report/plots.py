@@ -17,11 +17,16 @@ def tradeoff_png(rows: list[dict], y: str, ylabel: str, title: str) -> bytes | N
     pts = [r for r in rows if r.get("l0") is not None and r.get(y) is not None]
     if not pts:
         return None
-    hps = list(dict.fromkeys(r["hookpoint"] for r in pts))
+    many = len({(r.get("model"), r.get("revision")) for r in pts}) > 1
+
+    def series(r: dict) -> str:   # one colour per hook point, per target when there are several
+        return f"{r.get('model')}@{r.get('revision')} {r['hookpoint']}" if many else r["hookpoint"]
+
+    hps = list(dict.fromkeys(series(r) for r in pts))
     cmap = plt.get_cmap("viridis", max(len(hps), 2))
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for i, hp in enumerate(hps):
-        for r in (r for r in pts if r["hookpoint"] == hp):
+        for r in (r for r in pts if series(r) == hp):
             ax.scatter(max(r["l0"], 1e-3), r[y], color=cmap(i), marker=ARCH_MARKERS.get(r["arch"], "x"), s=46,
                        edgecolor="black", linewidth=0.4)
     for i, hp in enumerate(hps):

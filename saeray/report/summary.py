@@ -1,41 +1,51 @@
-"""``<run>/report/summary.json``: one flat row per SAE (what people sort and plot) plus the run's
-stage wall times. Built from the manifest alone, so it can be rebuilt at any time."""
+"""``<run>/report/summary.json``: one flat row per SAE of every target (what people sort and plot;
+each row carries ``model`` and ``revision``) plus per-target facts and stage wall times. Built from
+the manifest alone, so it can be rebuilt at any time."""
 from __future__ import annotations
 
 from ..evaluate.concepts import F1_FOUND
 
-SAE_FIELDS = ("hookpoint", "arch", "width", "k", "l1", "l0", "fvu", "ce_loss_recovered", "kl", "dead_frac",
-              "dense_frac", f"concepts_f1_{F1_FOUND}", "n_concepts", "mean_best_f1", "loss_clean", "loss_zero",
-              "loss_sae", "train_tokens", "train_tokens_per_s", "path")
+SAE_FIELDS = ("model", "revision", "hookpoint", "arch", "width", "k", "l1", "l0", "fvu", "ce_loss_recovered", "kl",
+              "dead_frac", "dense_frac", f"concepts_f1_{F1_FOUND}", "n_concepts", "mean_best_f1", "loss_clean",
+              "loss_zero", "loss_sae", "train_tokens", "train_tokens_per_s", "path")
 
 
-def sae_rows(manifest_data: dict) -> list[dict]:
-    train = manifest_data.get("train", {}).get("units", {})
-    ev = manifest_data.get("evaluate", {}).get("saes", {})
+def _result(t: dict, stage: str) -> dict:
+    rec = t.get("stages", {}).get(stage, {})
+    return rec.get("result") or {} if rec.get("status") == "done" else {}
+
+
+def sae_rows(manifest_data: dict, store_url: str) -> list[dict]:
     rows = []
-    for hp, unit in train.items():
-        for name, t in unit.get("saes", {}).items():
-            e = ev.get(hp, {}).get(name, {})
-            row = {"hookpoint": hp, "name": name, "arch": t["arch"], "width": t["width"], "k": t.get("k"),
-                   "l1": t.get("l1"), "train_tokens": t.get("tokens"), "train_tokens_per_s": t.get("tokens_per_s"),
-                   "path": t["path"]}
-            for k in SAE_FIELDS:
-                if k not in row:
-                    row[k] = e.get(k)
-            rows.append(row)
-    order = {hp: i for i, hp in enumerate(manifest_data.get("harvest", {}).get("hookpoints", []))}
-    rows.sort(key=lambda r: (order.get(r["hookpoint"], 1 << 30), r["hookpoint"], r["arch"], r["width"]))
+    for ti, (tid, t) in enumerate(manifest_data.get("targets", {}).items()):
+        order = {hp: i for i, hp in enumerate(_result(t, "harvest").get("hookpoints", []))}
+        ev = _result(t, "evaluate").get("saes", {})
+        for hp, saes in _result(t, "train").get("saes", {}).items():
+            for name, tr in saes.items():
+                e = ev.get(hp, {}).get(name, {})
+                row = {"target": tid, "model": t["model"], "revision": t["revision"], "hookpoint": hp, "name": name,
+                       "arch": tr["arch"], "width": tr["width"], "k": tr.get("k"), "l1": tr.get("l1"),
+                       "train_tokens": tr.get("tokens"), "train_tokens_per_s": tr.get("tokens_per_s"),
+                       "path": f"{store_url}/{t['folder']}/{tr['path']}"}
+                for k in SAE_FIELDS:
+                    if k not in row:
+                        row[k] = e.get(k)
+                row["_order"] = (ti, order.get(hp, 1 << 30), hp, tr["arch"], tr["width"])
+                rows.append(row)
+    rows.sort(key=lambda r: r["_order"])
+    for r in rows:
+        del r["_order"]
     return rows
 
 
 def build_summary(manifest_data: dict, store_url: str) -> dict:
-    stages = manifest_data.get("stages", {})
-    return {
-        "run": manifest_data["run"], "store": store_url, "spec_hash": manifest_data.get("spec_hash"),
-        "model": manifest_data.get("harvest", {}).get("model"),
-        "revision": manifest_data.get("harvest", {}).get("revision"),
-        "harvest_rows": manifest_data.get("harvest", {}).get("totals", {}).get("rows"),
-        "loss_clean": manifest_data.get("evaluate", {}).get("loss_clean"),
-        "stage_wall_s": {n: s.get("wall_s") for n, s in stages.items()},
-        "saes": sae_rows(manifest_data),
-    }
+    targets = []
+    for tid, t in manifest_data.get("targets", {}).items():
+        targets.append({"target": tid, "model": t["model"], "revision": t["revision"], "folder": t["folder"],
+                        "harvest_rows": _result(t, "harvest").get("rows"),
+                        "loss_clean": _result(t, "evaluate").get("loss_clean")})
+    walls = {tid: {n: s.get("wall_s") for n, s in t.get("stages", {}).items()}
+             for tid, t in manifest_data.get("targets", {}).items()}
+    walls["report"] = manifest_data.get("stages", {}).get("report", {}).get("wall_s")
+    return {"run": manifest_data["run"], "store": store_url, "spec_hash": manifest_data.get("spec_hash"),
+            "targets": targets, "stage_wall_s": walls, "saes": sae_rows(manifest_data, store_url)}

@@ -58,6 +58,17 @@ class RunningMetrics:
         self.l0 += float(active.sum())
         self.fires += active.sum(0).double().cpu()
 
+    def merge(self, other: "RunningMetrics") -> "RunningMetrics":
+        """Add another accumulator's tokens (evaluation items are scored apart and summed)."""
+        self.n += other.n
+        self.sq_err += other.sq_err
+        self.sq += other.sq
+        self.l0 += other.l0
+        if other.sum is not None:
+            self.sum = other.sum.clone() if self.sum is None else self.sum + other.sum
+        self.fires += other.fires
+        return self
+
     def result(self) -> dict:
         n = max(self.n, 1)
         total_var = self.sq - (float(self.sum.pow(2).sum()) / n if self.sum is not None else 0.0)

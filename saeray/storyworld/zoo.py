@@ -170,11 +170,18 @@ def list_zoo(config: ZooConfig | None = None, cache_dir: str | Path | None = Non
     return index
 
 
+def config_for(name: str) -> ZooConfig:
+    """The zoo a model name belongs to: the test zoo's ``storyworld-tiny-*`` (seconds to build, so
+    specs and tests can audit real checkpoints cheaply), else the default zoo."""
+    tiny = ZooConfig.tiny()
+    return tiny if name in {m.name for m in tiny.models} else ZooConfig()
+
+
 def resolve(name: str, revision: str | None = None, config: ZooConfig | None = None,
             cache_dir: str | Path | None = None, progress: bool = True) -> Path:
     """The folder to pass to ``from_pretrained`` for zoo model ``name`` at ``revision``
     ("step<N>", or None / "main" for the final checkpoint). Builds the zoo if needed."""
-    cfg = config or ZooConfig()
+    cfg = config or config_for(name)
     names = [m.name for m in cfg.models]
     if name not in names:
         raise InputError(f"unknown storyworld model '{name}'; the zoo has: {', '.join(names)}")

@@ -2,7 +2,7 @@
 one shared stream of its harvested activations, read once from the store.
 
 A plain function (:func:`train_unit`), testable without Ray; :mod:`saeray.train.launch` runs it as
-the loop of a Ray Train ``TorchTrainer``. Layout in the run folder::
+the loop of a Ray Train ``TorchTrainer``. Layout in the target's folder::
 
     saes/<hookpoint>/_checkpoint/checkpoint.pt   resumable state of all variants (MultiTrainer)
     saes/<hookpoint>/<variant>/                  final SAEs, SAELens layout + saeray.json
@@ -24,7 +24,7 @@ RESULT = "result.json"       # the unit's results, next to its checkpoint
 
 @dataclass
 class UnitConfig:
-    run_url: str                      # the run folder
+    run_url: str                      # the target's folder (<run>/targets/<model>@<revision>)
     store_options: dict               # Store options (may hold resolved secrets: never logged)
     hookpoint: str
     variants: list[dict]              # saeray.sae.train.Variant fields
@@ -83,7 +83,7 @@ def train_unit(cfg: UnitConfig, on_step=None) -> dict:
         torch.set_num_threads(cfg.threads)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     run = Store(cfg.run_url, cfg.store_options)
-    ds = ActivationDataset.from_run(run, cfg.hookpoint, batch_size=cfg.batch_size,
+    ds = ActivationDataset.from_target(run, cfg.hookpoint, batch_size=cfg.batch_size,
                                     shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
     tokens = min(cfg.tokens, cfg.epochs_max * ds.num_rows)
     variants = [Variant(**v) for v in cfg.variants]
@@ -105,7 +105,7 @@ def train_unit(cfg: UnitConfig, on_step=None) -> dict:
                                "files": len(ds.files), "meta": ds.meta}}
         url = io.save(sae, run / sae_rel(cfg.hookpoint, v.name), info=info, hook_name=cfg.hookpoint,
                       model_name=cfg.model or ds.meta.get("model"))
-        out[v.name] = {"path": url, "arch": v.arch, "width": v.width, "k": v.k, "l1": v.l1,
+        out[v.name] = {"path": sae_rel(cfg.hookpoint, v.name), "url": url, "arch": v.arch, "width": v.width, "k": v.k, "l1": v.l1,
                        "tokens": tokens, "tokens_per_s": last.get("tokens_per_s"),
                        "train_sample": {k: ev[k] for k in ("fvu", "l0", "mse", "dead_frac", "dense_frac")}}
     run.write_json(f"saes/{cfg.hookpoint}/{CKPT_DIR}/{RESULT}", out)

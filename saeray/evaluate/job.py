@@ -1,0 +1,104 @@
+"""The evaluation job: what a model-pool worker does during evaluation. It holds the trained SAEs
+of its stage's hook points; each pool item is one held-out batch, pushed through the pipeline once
+per *mode* (the payload's ``mode``):
+
+* ``("clean",)``: no intervention. Stages capture their hook points and score every SAE on the
+  clean activations (FVU, L0, firing counts, concept counts); the last stage keeps the clean
+  log-probabilities of the batch for KL;
+* ``("zero", hp)``: hook point ``hp`` zero-ablated (the reference of CE loss recovered);
+* ``("sae", hp, name)``: ``hp`` replaced by SAE ``name``'s reconstruction;
+* ``("values",)``: a second clean pass for concept AUROC (pass 2 of :mod:`.concepts`); the payload
+  carries the latent chosen per concept in pass 1.
+
+Everything is accumulated per item and returned by ``finish``; the driver sums items, so an item
+re-run after an actor restart counts exactly once. A plain object (see :mod:`saeray.models.pool`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..sae.metrics import RunningMetrics
+from .concepts import ConceptScorer
+
+
+class EvalJob:
+    logits = True
+    grad = False
+
+    def __init__(self, stage, device: torch.device, saes: dict[str, dict[str, str]], n_concepts: int):
+        from ..sae import io
+
+        self.device = device
+        self.is_last = stage.is_last
+        self.saes = {hp: {n: io.load(url, device=str(device)) for n, url in d.items()} for hp, d in saes.items()}
+        self.hookpoints = list(self.saes)
+        self.n_concepts = n_concepts
+
+    def begin(self, item: str) -> None:
+        self.metrics = {hp: {n: RunningMetrics(s.width) for n, s in d.items()} for hp, d in self.saes.items()}
+        self.counts = {hp: {n: ConceptScorer(s.width, self.n_concepts) for n, s in d.items()}
+                       for hp, d in self.saes.items()} if self.n_concepts else {}
+        self.values: dict[str, dict[str, list]] = {}
+        self.losses: dict[tuple, list[float]] = {}
+        self._clean_logp: torch.Tensor | None = None
+
+    def capture(self, payload: dict) -> list[str]:
+        return self.hookpoints if payload["mode"][0] in ("clean", "values") else []
+
+    def interventions(self, payload: dict):
+        mode = payload["mode"]
+        if mode[0] == "zero" and mode[1] in self.saes:
+            from ..models.hooks import zero_ablate
+
+            return {mode[1]: zero_ablate()}
+        if mode[0] == "sae" and mode[1] in self.saes:
+            sae = self.saes[mode[1]][mode[2]]
+
+            def splice(act: torch.Tensor) -> torch.Tensor:
+                shape = act.shape
+                return sae(act.reshape(-1, shape[-1]).float()).recon.reshape(shape).to(act.dtype)
+            return {mode[1]: splice}
+        return None
+
+    def on_acts(self, payload: dict, acts: dict[str, torch.Tensor]) -> None:
+        mode = payload["mode"][0]
+        if mode not in ("clean", "values") or not acts:
+            return
+        keep_t = torch.from_numpy(np.array(payload["keep"])).to(self.device)
+        y = payload.get("y")
+        y = torch.from_numpy(np.array(y)) if y is not None and self.n_concepts else None
+        for hp in self.hookpoints:
+            x = acts[hp][keep_t].float()
+            for name, sae in self.saes[hp].items():
+                res = sae(x)
+                if mode == "clean":
+                    self.metrics[hp][name].add(x, res.recon, res.latents)
+                    if y is not None:
+                        self.counts[hp][name].add_counts(res.latents.cpu(), y)
+                elif y is not None:
+                    best = payload["best"][hp][name]
+                    v = self.values.setdefault(hp, {}).setdefault(name, [[], []])
+                    v[0].append(res.latents[:, best].float().cpu())
+                    v[1].append(y)
+
+    def on_output(self, payload: dict, logits: torch.Tensor) -> None:
+        mode = tuple(payload["mode"])
+        ids_t = torch.from_numpy(np.array(payload["ids"])).to(logits.device)
+        # target t+1 counts when it is a real token: keep marks every real token after BOS
+        valid = torch.from_numpy(np.array(payload["keep"])[:, 1:]).to(logits.device)
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        nll = -logp.gather(-1, ids_t[:, 1:].unsqueeze(-1)).squeeze(-1)[valid]
+        kl = 0.0
+        if mode[0] == "clean":
+            self._clean_logp = logp[valid]
+        elif mode[0] in ("zero", "sae"):
+            assert self._clean_logp is not None, "the clean pass of a batch must come before its interventions"
+            lp, clean = logp[valid], self._clean_logp
+            kl = float((clean.exp() * (clean - lp)).sum(-1).double().sum())
+        if mode[0] != "values":
+            self.losses[mode] = [float(nll.double().sum()), int(valid.sum()), kl]
+
+    def finish(self, item: str) -> dict:
+        values = {hp: {n: (torch.cat(v[0]), torch.cat(v[1])) for n, v in d.items()} for hp, d in self.values.items()}
+        return {"losses": self.losses, "metrics": self.metrics, "counts": self.counts, "values": values}

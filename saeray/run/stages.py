@@ -1,0 +1,118 @@
+"""The stage protocol: every per-target step of an audit (harvest, train, evaluate, and the sweeps
+that come next) is one :class:`Stage` in one registry.
+
+A stage declares
+
+* ``needs``: the stages whose results it reads (their typed results are passed in);
+* ``key(spec, target)``: exactly the fields its output depends on, as ``{"dotted.path": value}``
+  with the resolved revision included. A finished stage is reused while its key is unchanged, and a
+  run whose key changed is refused, naming the fields, instead of mixing results made with other
+  settings. Resources, replicas, pipelines, batch sizes and in-flight limits are not in any key,
+  so changing them never invalidates finished work;
+* ``check(spec, targets)``: runs for the whole spec before anything starts, so a spec that cannot
+  finish fails before the first forward pass, with the YAML path and what to do;
+* ``run(ctx, inputs) -> result``: the work, resumable at its own granularity (harvest by work unit,
+  training by hook point and checkpoint); ``result`` is a dataclass with ``to_dict``/``from_dict``,
+  recorded in the manifest when the stage finishes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import InputError
+from ..manifest import Manifest
+from ..store import Store
+from .targets import Target
+
+log = logging.getLogger("saeray")
+
+
+@dataclass
+class TargetContext:
+    """What a stage sees for one target."""
+
+    spec: Any                 # the resolved AuditSpec (placeholders substituted; never written out)
+    written: Any              # the spec as written (placeholders kept): what keys are computed from
+    target: Target
+    run: Store                # the run folder
+    store: Store              # the target's folder, <run>/targets/<model>@<revision>
+    manifest: Manifest
+
+    def section(self, stage: str) -> dict:
+        """This target's record of ``stage`` in the manifest (status, key, result, wall_s)."""
+        return self.manifest.stage(self.target.id, stage)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]
+    key: Callable[[Any, Target], dict]
+    check: Callable[[Any, list[Target]], None]
+    run: Callable[[TargetContext, dict], Any]
+    result: type
+
+
+def registry() -> dict[str, Stage]:
+    """Every per-target stage, in the order they run."""
+    from ..evaluate.stage import STAGE as evaluate
+    from ..harvest.stage import STAGE as harvest
+    from ..train.stage import STAGE as train
+
+    return {s.name: s for s in (harvest, train, evaluate)}
+
+
+def select(names: list[str]) -> list[Stage]:
+    """``names`` and everything they need, in registry order."""
+    reg = registry()
+    want: set[str] = set()
+
+    def add(n: str) -> None:
+        if n not in want:
+            want.add(n)
+            for m in reg[n].needs:
+                add(m)
+
+    for n in names:
+        add(n)
+    return [s for n, s in reg.items() if n in want]
+
+
+def check_all(spec, targets: list[Target], stages: list[Stage]) -> None:
+    for st in stages:
+        st.check(spec, targets)
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def run_stage(ctx: TargetContext, stage: Stage, inputs: dict[str, Any]) -> Any:
+    """Run (or reuse) one stage for one target."""
+    rec = ctx.section(stage.name)
+    key = stage.key(ctx.written, ctx.target)
+    if rec.get("key") is not None:
+        changed = _changed(rec["key"], key)
+        if changed:
+            verb = "finished" if rec.get("status") == "done" else "started"
+            raise InputError(f"run {ctx.run.url}: target {ctx.target} {verb} stage '{stage.name}' with other "
+                             f"settings ({', '.join(changed)} changed); use a new run name (the spec's 'name') or "
+                             "delete the run folder to start over")
+    if rec.get("status") == "done":
+        log.info(f"{ctx.target}: stage {stage.name} already done, skipped")
+        return stage.result.from_dict(rec["result"])
+    log.info(f"{ctx.target}: stage {stage.name} started")
+    ctx.manifest.set_stage(ctx.target.id, stage.name, status="running", key=key)
+    t0 = time.perf_counter()
+    try:
+        out = stage.run(ctx, inputs)
+    except BaseException:
+        ctx.manifest.set_stage(ctx.target.id, stage.name, status="failed")
+        raise
+    wall = time.perf_counter() - t0
+    ctx.manifest.set_stage(ctx.target.id, stage.name, status="done", wall_s=round(wall, 2), result=out.to_dict())
+    log.info(f"{ctx.target}: stage {stage.name} done in {wall:.1f} s")
+    return out

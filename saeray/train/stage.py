@@ -1,0 +1,152 @@
+"""The ``train`` stage: one Ray Train run (``TorchTrainer``) per hook point of a target, all launched
+at once.
+
+Why this shape (docs/architecture.md): each ``fit()`` carries 10-20 s of fixed start-up (controller,
+worker actors, process group), so the unit of a Train run is a whole hook point (every variant of
+it shares one activation stream, read once), never one (hook point x architecture). ``fit()``
+blocks, so each one runs inside a zero-CPU Ray task; the workers take the spec's
+``resources.train`` (fractional CPUs pack several units per core or GPU).
+
+Failure handling: ``FailureConfig(max_failures)`` restarts a dead worker group; the loop resumes
+from the unit's checkpoint in the store. The driver records each finished unit
+(:mod:`saeray.run.records`), so a re-run skips it. The unit itself is the one training entry point
+(:func:`saeray.sae.run.fit_dataset`), the same code as ``saeray train``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from ..errors import InputError, SaerayError
+from ..run.records import Records
+from ..run.stages import Stage, TargetContext
+from .unit import CKPT_DIR, RESULT, UnitConfig, train_unit, variant_name, variants_from_spec
+
+log = logging.getLogger("saeray")
+
+MAX_FAILURES = 3
+
+
+def _loop(config: dict) -> None:
+    # results travel through the store (Train V2 keeps reported metrics only with a checkpoint)
+    train_unit(UnitConfig(**config))
+
+
+def _train_run_name(run_name: str, hookpoint: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{run_name}-{hookpoint}")
+
+
+def fit_unit(config: dict, resources: dict, run_name: str, storage: tuple) -> dict:
+    """Run one unit as a TorchTrainer; returns its results. Called inside a zero-CPU Ray task."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, storage_fs = storage
+    num_gpus = resources.get("num_gpus", 0) or 0
+    per_worker = {"CPU": resources.get("num_cpus", 1.0)}
+    if num_gpus:
+        per_worker["GPU"] = num_gpus
+    if resources.get("memory_gb"):
+        per_worker["memory"] = int(resources["memory_gb"] * 2**30)
+    per_worker.update(resources.get("custom") or {})
+    trainer = TorchTrainer(
+        _loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=config.get("workers", 1), use_gpu=bool(num_gpus),
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(name=_train_run_name(run_name, config["hookpoint"]), storage_path=storage_path,
+                             storage_filesystem=storage_fs, failure_config=FailureConfig(max_failures=MAX_FAILURES)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise SaerayError(f"training {config['hookpoint']} failed: {result.error}")
+    from ..store import Store
+
+    run = Store(config["run_url"], config["store_options"])
+    return run.read_json(f"saes/{config['hookpoint']}/{CKPT_DIR}/{RESULT}")
+
+
+def _storage(store) -> tuple:
+    """Where Ray Train keeps its own run state: inside the target's folder, on the store's filesystem."""
+    if store.is_local:
+        return store.path("saes/_ray_train"), None
+    fs, _ = store.arrow_fs()
+    return store.path("saes/_ray_train"), fs
+
+
+@dataclass
+class TrainResult:
+    saes: dict = field(default_factory=dict)   # hookpoint -> variant -> {path (in the target folder), arch, ...}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainResult":
+        return cls(**d)
+
+
+def key(spec, target) -> dict:
+    from ..harvest.stage import key as harvest_key
+
+    if spec.sae is None:
+        return {**harvest_key(spec, target), "sae": None}
+    t = spec.sae.train.model_dump(mode="json")
+    t.pop("workers")   # data-parallel ranks: the same SAE up to float rounding
+    return {**harvest_key(spec, target), "sae.architectures": [a.model_dump(mode="json") for a in spec.sae.architectures],
+            **{f"sae.train.{k}": v for k, v in t.items()}}
+
+
+def check(spec, targets) -> None:
+    if spec.sae is None:
+        raise InputError("sae: the spec has no sae section, so there is nothing to train; add one (e.g. "
+                         "sae: {architectures: [{arch: topk, width: 4096, k: 32}]}) or run `saeray harvest` only")
+    variants_from_spec(spec.sae)
+
+
+def run(ctx: TargetContext, inputs: dict) -> TrainResult:
+    import ray
+
+    spec, target, store = ctx.spec, ctx.target, ctx.store
+    hookpoints = inputs["harvest"].hookpoints
+    variants = variants_from_spec(spec.sae)
+    names = [variant_name(v) for v in variants]
+    records = Records(store, "train")
+    done = records.load()
+    todo = [hp for hp in hookpoints if not (hp in done and all(n in done[hp]["saes"] for n in names))]
+    t = spec.sae.train
+    res = spec.resources.train.model_dump()
+    log.info(f"train {target}: {len(todo)} of {len(hookpoints)} hook points to train ({len(hookpoints) - len(todo)} "
+             f"done), {len(variants)} SAE variants each, {t.tokens} tokens per SAE")
+    fit_task = ray.remote(num_cpus=0)(fit_unit)
+    storage = _storage(store)
+    pending = {}
+    for hp in todo:
+        cfg = UnitConfig(run_url=store.url, store_options=store.options, hookpoint=hp, variants=variants,
+                         tokens=t.tokens, batch_size=t.batch_size, lr=t.lr, seed=t.seed,
+                         checkpoint_every=t.checkpoint_every, epochs_max=t.epochs_max, workers=t.workers,
+                         threads=max(1, int(res["num_cpus"])), model=target.model,
+                         meta={"revision": target.revision})
+        run_name = f"{ctx.manifest.data['run']}-{target.id}"
+        pending[fit_task.remote(cfg.to_dict(), res, run_name, storage)] = (hp, time.perf_counter())
+    errors = []
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        hp, t0 = pending.pop(ready[0])
+        try:
+            out = ray.get(ready[0])
+        except Exception as e:  # noqa: BLE001 - report every failed unit, keep the finished ones
+            errors.append(f"{hp}: {e}")
+            log.error(f"train {target} {hp}: failed: {e}")
+            continue
+        records.put(hp, {"saes": out, "wall_s": round(time.perf_counter() - t0, 2)})
+        log.info(f"train {target} {hp}: done: " + ", ".join(
+            f"{n} fvu={r['train_sample']['fvu']:.3f} l0={r['train_sample']['l0']:.1f}" for n, r in out.items()))
+    if errors:
+        raise SaerayError(f"training failed for {target}: " + "; ".join(errors))
+    recs = records.consolidate()
+    return TrainResult({hp: {n: recs[hp]["saes"][n] for n in names} for hp in hookpoints})
+
+
+STAGE = Stage("train", needs=("harvest",), key=key, check=check, run=run, result=TrainResult)
