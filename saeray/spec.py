@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -193,8 +193,8 @@ class ResourcesSpec(_Strict):
 class AuditSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
                       description="run name: the run folder in the store; re-running the same name resumes")
-    model: Union[ModelSpec, list[ModelSpec]] = Field(description="one model, or a list of models; each with "
-                                                      "its revisions (a target = one model at one revision)")
+    model: list[ModelSpec] = Field(description="one model, or a list of models; each with its revisions (a "
+                                   "target = one model at one revision)")
     corpus: CorpusSpec = Field(default_factory=CorpusSpec)
     hookpoints: list[HookPointName] = Field(min_length=1)
     harvest: HarvestSpec = Field(default_factory=HarvestSpec)
@@ -203,21 +203,25 @@ class AuditSpec(_Strict):
     store: StoreSpec = Field(default_factory=StoreSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _one_model(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v    # the single-model form: model: {name: ...}
+
     @field_validator("model")
     @classmethod
-    def _models(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("name at least one model")
-            names = [m.name for m in v]
-            dup = sorted({n for n in names if names.count(n) > 1})
-            if dup:
-                raise ValueError(f"model {dup[0]!r} is listed twice; give it once with all its revisions")
+    def _models(cls, v: list[ModelSpec]) -> list[ModelSpec]:
+        if not v:
+            raise ValueError("name at least one model")
+        names = [m.name for m in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model {dup[0]!r} is listed twice; give it once with all its revisions")
         return v
 
     @property
     def models(self) -> list[ModelSpec]:
-        return list(self.model) if isinstance(self.model, list) else [self.model]
+        return self.model
 
     @field_validator("store", mode="before")
     @classmethod
@@ -305,10 +309,12 @@ def _clean_loc(loc: tuple) -> tuple:
     return tuple(p for p in loc if not (isinstance(p, str) and ("function-" in p or p in ("str", "dict"))))
 
 
-def _messages(err: ValidationError, lines: dict[tuple, int], fname: str) -> list[str]:
+def _messages(err: ValidationError, lines: dict[tuple, int], fname: str, single_model: bool = False) -> list[str]:
     msgs = []
     for e in err.errors():
         loc = _clean_loc(tuple(e["loc"]))
+        if single_model and loc[:2] == ("model", 0):   # written as one mapping: report model.name, not model[0].name
+            loc = ("model", *loc[2:])
         etype, msg = e["type"], e["msg"]
         if etype == "extra_forbidden":
             msg = "unknown key (check the spelling; the fields are listed in docs/spec.md)"
@@ -345,7 +351,7 @@ def parse_spec(text: str, fname: str = "<spec>") -> AuditSpec:
     try:
         return AuditSpec.model_validate(data)
     except ValidationError as e:
-        msgs = _messages(e, _line_map(text), fname)
+        msgs = _messages(e, _line_map(text), fname, single_model=isinstance(data.get("model"), dict))
         raise InputError(f"{len(msgs)} error(s) in {fname}:\n  " + "\n  ".join(msgs)) from None
 
 

@@ -1,11 +1,23 @@
 """The store: every artifact of a run lives under one URL — a local path (default ``./runs``),
 ``file://...``, or ``s3://bucket/prefix`` through s3fs — and is written through this one class.
 
-Writes are atomic from a reader's view: data goes to a hidden temporary object
-(``<dir>/.tmp-<uuid>-<name>``; readers such as pyarrow.dataset skip names starting with '.') and is
-moved to its final name only once fully written. On S3 the move is a server-side copy; a crash
-mid-write leaves at most a hidden temporary that :meth:`Store.sweep_tmp` removes. What counts as
-*done* is decided by the run manifest (:mod:`saeray.manifest`), written after the data.
+Writes are atomic from a reader's view (a file appears whole at its final name or not at all), and
+each object is written exactly once:
+
+* **S3**: data goes straight to the final key. s3fs sends a small file as one PutObject when the
+  file is closed and a big one as a multipart upload that is completed when the file is closed;
+  S3 makes either visible only when that last request succeeds. If the ``with`` body raises, the
+  file is discarded instead of closed (an open multipart upload is aborted), so nothing appears and
+  an object already at that key is left unchanged. No temporary object and no server-side
+  copy: a copy + delete "rename" would write every byte twice.
+* **Local folders**: data goes to a hidden temporary (``<dir>/.tmp-<uuid>-<name>``; readers such
+  as pyarrow.dataset skip names starting with '.') that ``os.replace`` renames to the final name
+  once fully written; a rename within one filesystem copies nothing. A crash mid-write leaves at
+  most a hidden temporary that :meth:`Store.sweep_tmp` removes (it also clears ``.tmp-`` objects
+  that older versions left on S3).
+
+What counts as *done* is decided by the run's records (:mod:`saeray.manifest`,
+:mod:`saeray.run.records`), written after the data.
 
 S3 endpoint, region and credentials come from the spec's ``store`` section (``${ENV}`` placeholders
 resolved in memory) or, when absent, from the standard AWS environment / config files
@@ -141,28 +153,47 @@ class Store:
         d, _, name = self.path(rel).rpartition("/")
         return f"{d}/.tmp-{uuid.uuid4().hex[:12]}-{name}"
 
-    def _promote(self, tmp: str, final: str) -> None:
-        if self.is_local:
-            os.replace(tmp, final)  # atomic rename on one filesystem
-        else:
-            self.fs.mv(tmp, final)
-
     @contextmanager
     def open_write(self, rel: str) -> Iterator[Any]:
         """A binary file that appears at ``rel`` only after the ``with`` block succeeds."""
+        if self.is_local:
+            with self._write_local(rel) as f:
+                yield f
+        else:
+            with self._write_s3(rel) as f:
+                yield f
+
+    @contextmanager
+    def _write_local(self, rel: str) -> Iterator[Any]:
         final = self.path(rel)
         self.fs.makedirs(final.rpartition("/")[0], exist_ok=True)
         tmp = self._tmp_for(rel)
         try:
             with self.fs.open(tmp, "wb") as f:
                 yield f
-            self._promote(tmp, final)
+            os.replace(tmp, final)  # atomic rename on one filesystem
         except BaseException:
             try:
                 if self.fs.exists(tmp):
                     self.fs.rm(tmp)
             except Exception:  # pragma: no cover - best effort; sweep_tmp cleans leftovers
                 pass
+            raise
+
+    @contextmanager
+    def _write_s3(self, rel: str) -> Iterator[Any]:
+        # Not ``with fs.open(...)``: its __exit__ closes the file, and closing an s3fs file commits
+        # it (PutObject or CompleteMultipartUpload) even when the body raised.
+        f = self.fs.open(self.path(rel), "wb")
+        try:
+            yield f
+            f.close()  # the commit: the object appears now, whole
+        except BaseException:
+            try:
+                f.discard()  # aborts the multipart upload if one was started; drops the buffer
+            except Exception:  # pragma: no cover - a dangling upload stays invisible; an AbortIncompleteMultipartUpload lifecycle rule reaps it
+                pass
+            f.closed = True  # else its __del__ tries to close (commit) the dropped buffer and fails noisily
             raise
 
     def write_bytes(self, rel: str, data: bytes) -> None:

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from saeray.audit import open_run, run_audit, run_stage
 from saeray.evaluate.concepts import ConceptScorer, auroc
-from saeray.manifest import Manifest
+from saeray.run.audit import open_run, run_audit, run_targets
 from saeray.spec import parse_spec
 
 from conftest import run_and_kill_child
@@ -36,11 +35,12 @@ def make_spec(model: str, store: str, name: str = "aud", **over):
 def test_audit_end_to_end_and_rerun_skips(ray_local, tiny_model, tmp_path):
     spec = make_spec(tiny_model, str(tmp_path / "store"))
     summary = run_audit(spec)
-    run = tmp_path / "store" / "aud"
-    on_disk = json.loads((run / "report" / "summary.json").read_text())
+    root = tmp_path / "store" / "aud"
+    run = root / "targets" / "neox@main"
+    on_disk = json.loads((root / "report" / "summary.json").read_text())
     assert len(on_disk["saes"]) == 4
     for row in on_disk["saes"]:
-        for k in ("hookpoint", "arch", "width", "l0", "fvu", "ce_loss_recovered", "kl", "dead_frac",
+        for k in ("model", "revision", "hookpoint", "arch", "width", "l0", "fvu", "ce_loss_recovered", "kl", "dead_frac",
                   "concepts_f1_0.8", "path"):
             assert k in row and row[k] is not None, k
         assert (run / "saes" / row["hookpoint"] / row["name"] / "sae_weights.safetensors").is_file()
@@ -48,10 +48,12 @@ def test_audit_end_to_end_and_rerun_skips(ray_local, tiny_model, tmp_path):
         if row["arch"] == "topk":
             assert row["l0"] == pytest.approx(4.0)
         assert row["n_concepts"] >= 8    # storyworld labels scored
-    assert set(on_disk["stage_wall_s"]) == {"harvest", "train", "evaluate", "report"}
-    html = (run / "report" / "index.html").read_text()
+    assert on_disk["saes"][0]["revision"] == "main" and on_disk["saes"][0]["model"] == tiny_model
+    assert set(on_disk["stage_wall_s"]) == {"neox@main", "report"}
+    assert set(on_disk["stage_wall_s"]["neox@main"]) == {"harvest", "train", "evaluate"}
+    html = (root / "report" / "index.html").read_text()
     assert "resid_post.3" in html and "data:image/png;base64," in html
-    assert (run / "report" / "l0_vs_fvu.png").stat().st_size > 1000
+    assert (root / "report" / "l0_vs_fvu.png").stat().st_size > 1000
     assert summary["report"].endswith("report/index.html")
     # the saved SAEs load back and match the evaluation's FVU order of magnitude
     from saeray.sae import load
@@ -68,7 +70,7 @@ def test_audit_end_to_end_and_rerun_skips(ray_local, tiny_model, tmp_path):
     from saeray.errors import InputError
 
     changed = make_spec(tiny_model, str(tmp_path / "store"), architectures=[{"arch": "topk", "width": 32, "k": 4}])
-    with pytest.raises(InputError, match=r"finished stage 'train' with other settings \(sae changed\)"):
+    with pytest.raises(InputError, match=r"finished stage 'train' with other settings \(sae.architectures changed\)"):
         run_audit(changed)
     assert (run / "saes" / "resid_post.1" / "topk-w64-k4" / "sae_weights.safetensors").stat().st_mtime == mtime
 
@@ -91,22 +93,22 @@ def _exact_and_null_saes(run_store, hp: str, d: int):
         null.W_dec.zero_()
     out = {}
     for name, s in (("exact", exact), ("null", null)):
-        url = io.save(s, run_store / f"saes/{hp}/{name}", hook_name=hp)
-        out[name] = {"path": url, "arch": "relu", "width": 2 * d, "k": None, "l1": 0.0, "tokens": 0,
+        io.save(s, run_store / f"saes/{hp}/{name}", hook_name=hp)
+        out[name] = {"path": f"saes/{hp}/{name}", "arch": "relu", "width": 2 * d, "k": None, "l1": 0.0, "tokens": 0,
                      "tokens_per_s": None, "train_sample": {}}
     return out
 
 
 def test_ce_loss_recovered_is_one_for_exact_and_zero_for_null(ray_local, tiny_model, tmp_path):
-    from saeray.evaluate.run import run_evaluate
-    from saeray.harvest.run import run_harvest
+    from saeray.evaluate.stage import run as run_evaluate
+    from saeray.train.stage import TrainResult
 
     spec = make_spec(tiny_model, str(tmp_path / "store"), name="ce", hookpoints=["resid_post.2"])
-    ctx = open_run(spec)
-    run_harvest(ctx.resolved, ctx.store, ctx.manifest)
-    ctx.manifest.section("train")["units"] = {"resid_post.2": {"saes": _exact_and_null_saes(ctx.store, "resid_post.2", 32)}}
-    run_evaluate(ctx.resolved, ctx.store, ctx.manifest)
-    ev = Manifest.load(ctx.store).data["evaluate"]["saes"]["resid_post.2"]
+    rc = open_run(spec)
+    run_targets(rc, ["harvest"])
+    ctx = rc.target(rc.targets[0])
+    trained = TrainResult({"resid_post.2": _exact_and_null_saes(ctx.store, "resid_post.2", 32)})
+    ev = run_evaluate(ctx, {"train": trained}).saes["resid_post.2"]
     assert ev["exact"]["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert ev["exact"]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert ev["exact"]["fvu"] == pytest.approx(0.0, abs=1e-6)
@@ -118,18 +120,16 @@ def test_ce_loss_recovered_is_one_for_exact_and_zero_for_null(ray_local, tiny_mo
 
 @pytest.mark.slow
 def test_training_worker_killed_resumes_from_checkpoint(ray_local, tiny_model, tmp_path):
-    from saeray.harvest.run import harvest_stage
-    from saeray.train.launch import train_stage
-
     kw = dict(hookpoints=["resid_post.2"], architectures=[{"arch": "topk", "width": 64, "k": 4}],
               train={"tokens": 200_000, "batch_size": 100, "checkpoint_every": 50})
     # the uninterrupted reference
-    ref = open_run(make_spec(tiny_model, str(tmp_path / "ref"), name="ref", **kw))
-    run_stage(ref, "harvest", harvest_stage)
-    run_stage(ref, "train", train_stage)
+    ref_rc = open_run(make_spec(tiny_model, str(tmp_path / "ref"), name="ref", **kw))
+    run_targets(ref_rc, ["train"])
+    ref = ref_rc.target(ref_rc.targets[0])
     # the same run, with its training worker SIGKILLed once a checkpoint exists
-    ctx = open_run(make_spec(tiny_model, str(tmp_path / "kill"), name="kill", **kw))
-    run_stage(ctx, "harvest", harvest_stage)
+    rc = open_run(make_spec(tiny_model, str(tmp_path / "kill"), name="kill", **kw))
+    run_targets(rc, ["harvest"])
+    ctx = rc.target(rc.targets[0])
     ckpt = ctx.store / "saes/resid_post.2/_checkpoint"
     at_kill: dict = {}
 
@@ -138,7 +138,7 @@ def test_training_worker_killed_resumes_from_checkpoint(ray_local, tiny_model, t
             at_kill["steps"] = torch.load(ckpt.path("checkpoint.pt"), weights_only=False)["steps"]
         return "steps" in at_kill
 
-    killed, result = run_and_kill_child(lambda: run_stage(ctx, "train", train_stage), "RayTrainWorker",
+    killed, result = run_and_kill_child(lambda: run_targets(rc, ["train"]), "RayTrainWorker",
                                         ready=checkpoint_written, timeout=240, join_timeout=600)
     steps_at_kill = at_kill.get("steps", 0)
     assert killed is not None, "the worker must be killed mid-run for this test to mean anything"
@@ -201,17 +201,15 @@ def test_storyworld_concepts_align_with_tokens():
 def test_data_parallel_unit_matches_single_worker(ray_local, tiny_model, tmp_path):
     """sae.train.workers: 2 runs one hook point's SAEs as a 2-rank Ray Train run (gloo); the result
     matches the single-worker run up to float rounding."""
-    from saeray.harvest.run import harvest_stage
     from saeray.sae import load
-    from saeray.train.launch import train_stage
 
     outs = {}
     for workers in (1, 2):
         kw = dict(hookpoints=["resid_post.2"], architectures=[{"arch": "relu", "width": 64, "l1": 1.0}],
                   train={"tokens": 12_000, "batch_size": 200, "workers": workers})
-        ctx = open_run(make_spec(tiny_model, str(tmp_path / f"w{workers}"), name=f"w{workers}", **kw))
-        run_stage(ctx, "harvest", harvest_stage)
-        run_stage(ctx, "train", train_stage)
+        rc = open_run(make_spec(tiny_model, str(tmp_path / f"w{workers}"), name=f"w{workers}", **kw))
+        run_targets(rc, ["train"])
+        ctx = rc.target(rc.targets[0])
         outs[workers] = load(ctx.store.url_of("saes/resid_post.2/relu-w64-l11"))
     x = torch.randn(512, 32)
     torch.testing.assert_close(outs[2](x).recon, outs[1](x).recon, atol=1e-4, rtol=1e-3)

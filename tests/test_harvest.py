@@ -14,11 +14,10 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from saeray.audit import open_run
 from saeray.harvest.reader import ActivationDataset
-from saeray.harvest.run import run_harvest
 from saeray.harvest.schema import acts_to_numpy
-from saeray.manifest import Manifest
+from saeray.run.audit import open_run, run_targets
+from saeray.run.records import Records
 from saeray.spec import parse_spec
 
 from conftest import run_and_kill_child
@@ -35,16 +34,17 @@ def make_spec(model: str, store: str, name: str = "h", **over) -> object:
 
 
 def harvest(spec):
-    ctx = open_run(spec)
-    out = run_harvest(ctx.resolved, ctx.store, ctx.manifest)
-    return ctx, out
+    """Harvest the spec's one target; (its TargetContext, its HarvestResult as a dict)."""
+    rc = open_run(spec)
+    out = run_targets(rc, ["harvest"])[rc.targets[0].id]["harvest"]
+    return rc.target(rc.targets[0]), out.to_dict()
 
 
 def expected_rows(spec) -> int:
     from saeray.harvest.corpus import Corpus
     from saeray.models.load import load_tokenizer
 
-    c = Corpus(spec.corpus, load_tokenizer(spec.model.name))
+    c = Corpus(spec.corpus, load_tokenizer(spec.models[0].name))
     return c.contexts(0, spec.corpus.n_docs).rows()
 
 
@@ -53,9 +53,8 @@ def test_row_counts_exact_and_readers(ray_local, tiny_model, tmp_path):
     ctx, out = harvest(spec)
     want = expected_rows(spec)
     hps = [f"resid_post.{i}" for i in range(4)] + ["mlp_post.1"]
-    m = Manifest.load(ctx.store).data["harvest"]
-    assert sorted(m["hookpoints"]) == sorted(hps)
-    assert out["rows"] == want and m["totals"]["units"] == 3
+    assert sorted(out["hookpoints"]) == sorted(hps)
+    assert out["rows"] == want and out["units"] == 3 and len(Records(ctx.store, "harvest").load()) == 3
     for hp in hps:
         root = ctx.store.path(f"acts/{hp}")
         ds = pads.dataset(root, format="parquet")                  # plain pyarrow, no saeray
@@ -72,7 +71,7 @@ def test_row_counts_exact_and_readers(ray_local, tiny_model, tmp_path):
     root = ctx.store.path("acts/resid_post.2")
     assert pl.scan_parquet(f"{root}/part-*.parquet").select(pl.len()).collect().item() == want
     assert duckdb.sql(f"select count(*), min(pos) from '{root}/part-*.parquet'").fetchall() == [(want, 1)]  # BOS dropped
-    rd = ActivationDataset.from_run(ctx.store, "resid_post.2").to_ray()  # Ray Data
+    rd = ActivationDataset.from_target(ctx.store, "resid_post.2").to_ray()  # Ray Data
     assert rd.count() == want
 
 
@@ -88,7 +87,7 @@ def test_one_vs_two_stages_identical(ray_local, tiny_model, tmp_path):
         t = pads.dataset(ctx.store.path("acts/resid_post.3"), format="parquet").to_table().sort_by([("doc", "ascending"), ("pos", "ascending")])
         tabs.append(t)
         if stages == 2:
-            assert Manifest.load(ctx.store).data["harvest"]["stages"] == [[0, 2], [2, 4]]
+            assert out["ranges"] == [[0, 2], [2, 4]]
     a, b, c = (acts_to_numpy(t["act"]) for t in tabs)
     assert a.dtype == np.float32 and a.shape == b.shape == c.shape
     np.testing.assert_array_equal(a, b)
@@ -118,10 +117,10 @@ def test_s3_end_to_end(ray_local, tiny_model, s3_url):
     spec = make_spec(tiny_model, s3_url, name="s3run", hookpoints=["resid_post.0", "resid_post.3"])
     ctx, out = harvest(spec)
     want = expected_rows(spec)
-    st = Store.open(s3_url) / "s3run"
+    st = Store.open(s3_url) / "s3run" / "targets" / "neox@main"
     assert st.ls("acts") == ["resid_post.0", "resid_post.3"]
     assert sorted(st.ls("acts/resid_post.3")) == [f"part-{u:05d}.parquet" for u in range(3)]
-    ds = ActivationDataset.from_run(st, "resid_post.3", batch_size=100, shuffle_buffer=500)
+    ds = ActivationDataset.from_target(st, "resid_post.3", batch_size=100, shuffle_buffer=500)
     assert ds.num_rows == want
     assert ds.to_ray().count() == want
     # a second run over the same store is a no-op: nothing re-harvested, nothing duplicated
@@ -132,7 +131,7 @@ def test_s3_end_to_end(ray_local, tiny_model, s3_url):
 def test_reader_exact_epochs_and_determinism(ray_local, tiny_model, tmp_path):
     spec = make_spec(tiny_model, str(tmp_path / "r"), hookpoints=["resid_post.0"], harvest={"dtype": "float32"})
     ctx, out = harvest(spec)
-    ds = ActivationDataset.from_run(ctx.store, "resid_post.0", batch_size=128, shuffle_buffer=1000, seed=3)
+    ds = ActivationDataset.from_target(ctx.store, "resid_post.0", batch_size=128, shuffle_buffer=1000, seed=3)
     full = acts_to_numpy(pads.dataset(ctx.store.path("acts/resid_post.0"), format="parquet").to_table()["act"])
     for e in range(2):
         got = np.concatenate(list(ds.epoch(e)))
@@ -161,14 +160,14 @@ def test_resume_after_driver_killed(ray_local, tiny_model, tmp_path):
     address = ray_local.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "saeray", "--address", address, "harvest", str(spec_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    run = Store.open(str(store)) / "killme"
+    run = Store.open(str(store)) / "killme" / "targets" / "neox@main"
+    records = Records(run, "harvest")
     deadline = time.monotonic() + 120
     n_done = 0
     while time.monotonic() < deadline and proc.poll() is None:
-        if run.exists("manifest.json"):
-            n_done = len(run.read_json("manifest.json").get("harvest", {}).get("units", {}))
-            if n_done >= 2:
-                break
+        n_done = len(records.names())
+        if n_done >= 2:
+            break
         time.sleep(0.05)
     assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
@@ -178,8 +177,8 @@ def test_resume_after_driver_killed(ray_local, tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     spec = parse_spec(spec_path.read_text())
     want = expected_rows(spec)
-    m = Manifest.load(run).data
-    assert len(m["harvest"]["units"]) == 30 and m["harvest"]["totals"]["rows"] == want
+    recs = records.load()
+    assert len(recs) == 30 and sum(r["rows"] for r in recs.values()) == want
     t = pads.dataset(run.path("acts/resid_post.2"), format="parquet").to_table()
     assert t.num_rows == want
     assert len(set(zip(t["doc"].to_pylist(), t["pos"].to_pylist()))) == want
@@ -190,15 +189,16 @@ def test_resume_after_shard_actor_killed(ray_local, tiny_model, tmp_path):
     spec = make_spec(tiny_model, str(tmp_path / "store"), name="actorkill", hookpoints=["resid_post.*"],
                      harvest={"stages": 2, "batch_size": 4, "unit_contexts": 16, "max_in_flight": 1},
                      corpus={"n_docs": 320})
-    ctx = open_run(spec)
+    rc = open_run(spec)
+    ctx = rc.target(rc.targets[0])
     killed, result = run_and_kill_child(
-        lambda: run_harvest(ctx.resolved, ctx.store, ctx.manifest), "ShardWorker",
-        ready=lambda: len(ctx.manifest.data.get("harvest", {}).get("units", {})) >= 2, which=-1)
+        lambda: run_targets(rc, ["harvest"]), "PoolWorker",
+        ready=lambda: len(Records(ctx.store, "harvest").names()) >= 2, which=-1)
     assert killed is not None, "an actor must be killed mid-run"
     assert "err" not in result, result.get("err")
     want = expected_rows(spec)
-    m = Manifest.load(ctx.store).data["harvest"]
-    assert len(m["units"]) == 20 and m["totals"]["rows"] == want
+    recs = Records(ctx.store, "harvest").load()
+    assert len(recs) == 20 and sum(r["rows"] for r in recs.values()) == want
     for hp in ("resid_post.0", "resid_post.3"):
         t = pads.dataset(ctx.store.path(f"acts/{hp}"), format="parquet").to_table()
         assert t.num_rows == want
@@ -229,8 +229,8 @@ def test_text_corpus_sources(ray_local, tiny_model, tmp_path):
     np.testing.assert_array_equal(got[0], got[1])
     np.testing.assert_array_equal(got[0], got[2])
 
-    # units in order read the text once (not from the start for every unit); a retried unit behind
-    # the cursor starts over and gets the same rows
+    # the text is tokenized once: units in any order (a retried unit included) and the held-out
+    # contexts evaluation reads are slices of the same token stream
     class Counting:
         def __init__(self, tok):
             self.tok, self.calls = tok, 0
@@ -253,6 +253,10 @@ def test_text_corpus_sources(ray_local, tiny_model, tmp_path):
     np.testing.assert_array_equal(c.contexts(2, 4).ids, got[0][2:4])
     np.testing.assert_array_equal(c.contexts(4, 6).ids, got[0][4:6])
     assert c.heldout().ids.shape == (2, 16)
+    assert ctok.calls == once.calls   # evaluation's held-out contexts reused the harvest's tokens
+    from saeray.harvest.corpus import corpus_for
+
+    assert corpus_for(spec, tok) is corpus_for(spec, tok)   # one tokenization per (corpus, tokenizer) per run
     from saeray.errors import InputError
 
     with pytest.raises(InputError, match="no field 'text'"):

@@ -92,17 +92,19 @@ def test_job_submit_audit_to_local_and_s3(ray_head, tiny_model, tmp_path, s3_url
     assert "report:" in out
     summary = json.loads((store / "jobrun" / "report" / "summary.json").read_text())
     manifest = json.loads((store / "jobrun" / "manifest.json").read_text())
-    assert manifest["stages"]["harvest"]["status"] == "done"
-    assert summary["run"] == "jobrun" and set(summary["stage_wall_s"]) == {"harvest", "train", "evaluate", "report"}
+    assert manifest["targets"]["neox@main"]["stages"]["harvest"]["status"] == "done"
+    assert summary["run"] == "jobrun" and set(summary["stage_wall_s"]) == {"neox@main", "report"}
+    assert set(summary["stage_wall_s"]["neox@main"]) == {"harvest", "train", "evaluate"}
     assert [r["arch"] for r in summary["saes"]] == ["topk"] and summary["saes"][0]["ce_loss_recovered"] is not None
-    assert (store / "jobrun" / "acts" / "resid_post.1" / "part-00000.parquet").is_file()
+    assert (store / "jobrun" / "targets" / "neox@main" / "acts" / "resid_post.1" / "part-00000.parquet").is_file()
     # the same job against S3 (moto on loopback): the head inherited the endpoint from its env
     write_spec(tmp_path / "job-s3", tiny_model, s3_url)
     submit(address, env, tmp_path / "job-s3", "saeray", "audit", "spec.yaml")
     from saeray.store import Store
 
     run = Store.open(s3_url) / "jobrun"
-    assert run.read_json("manifest.json")["stages"]["harvest"]["status"] == "done"
+    assert run.read_json("manifest.json")["targets"]["neox@main"]["stages"]["harvest"]["status"] == "done"
     assert len(run.read_json("report/summary.json")["saes"]) == 1
-    assert run.exists("saes/resid_post.1/topk-w64-k4/sae_weights.safetensors") and run.exists("report/index.html")
+    assert run.exists("targets/neox@main/saes/resid_post.1/topk-w64-k4/sae_weights.safetensors")
+    assert run.exists("report/index.html")
     print(f"two job submissions: {time.monotonic() - t0:.1f} s")

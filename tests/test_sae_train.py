@@ -166,12 +166,12 @@ def test_planted_frequencies_and_recovery_metric():
 
 
 def _harvested_run(tmp_path, hp="resid_post.0", units=3, rows=1200):
-    """A run folder as the harvest leaves it: unit files of one hook point and the manifest."""
+    """A target folder as the harvest leaves it: unit files of one hook point and their records."""
     from saeray.harvest.writer import UnitWriter
-    from saeray.manifest import Manifest
+    from saeray.run.records import Records
 
     run = Store.open(str(tmp_path / "run"))
-    m = Manifest.load_or_create(run, "t", {}, "h")
+    recs = Records(run, "harvest")
     w = UnitWriter(run, {hp: PF.d}, "float32", {"model": "planted"})
     rng = np.random.default_rng(0)
     for u in range(units):
@@ -179,8 +179,8 @@ def _harvested_run(tmp_path, hp="resid_post.0", units=3, rows=1200):
         x, _ = PF.sample(rows, rng)
         z = np.zeros(rows, np.int64)
         w.add(hp, z, z, z, x)
-        m.section("harvest").setdefault("units", {})[f"{u:05d}"] = {"rows": rows, "files": w.finish()}
-    m.save()
+        recs.put(f"{u:05d}", {"rows": rows, "files": w.finish()})
+    recs.consolidate()
     return run, hp
 
 

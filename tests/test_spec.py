@@ -44,7 +44,7 @@ def test_good_spec_normalised(tmp_path):
 
 def test_default_job_spec_valid():
     s = load_spec(str(REPO / "jobs" / "storyworld.yaml"))
-    assert s.model.name == "storyworld-4l"
+    assert s.models[0].name == "storyworld-4l" and s.models[0].revisions == ["main"]
     assert {v.arch for v in s.sae.architectures} >= {"relu", "topk", "gated", "gba"}
 
 
@@ -120,3 +120,20 @@ def test_env_missing_is_input_error():
 def test_store_override_flag(tmp_path):
     r = run_validate(tmp_path, GOOD, "--store", "s3://my-bucket/p")
     assert r.returncode == 0 and "url: s3://my-bucket/p" in r.stdout
+
+
+def test_models_list_and_revision_keywords():
+    """`model` takes one mapping (today's form) or a list; revisions take names, `all`, `latest`."""
+    one = parse_spec(GOOD)
+    many = parse_spec(GOOD.replace("model:\n  name: storyworld-2l\n",
+                                   "model:\n  - {name: storyworld-2l, revisions: all}\n"
+                                   "  - {name: storyworld-4l, revisions: [step64, latest]}\n"))
+    assert [m.name for m in one.models] == ["storyworld-2l"]
+    assert [(m.name, m.revisions) for m in many.models] == [("storyworld-2l", ["all"]),
+                                                           ("storyworld-4l", ["step64", "latest"])]
+    with pytest.raises(InputError, match=r"model: model 'storyworld-2l' is listed twice"):
+        parse_spec(GOOD.replace("model:\n  name: storyworld-2l\n",
+                                "model:\n  - {name: storyworld-2l}\n  - {name: storyworld-2l}\n"))
+    with pytest.raises(InputError, match=r"model\[1\]\.revisions: revision '../x' is not a checkpoint name"):
+        parse_spec(GOOD.replace("model:\n  name: storyworld-2l\n",
+                                "model:\n  - {name: storyworld-2l}\n  - {name: storyworld-4l, revisions: [../x]}\n"))

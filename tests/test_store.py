@@ -66,9 +66,12 @@ def test_parquet_through_store_reads_with_pyarrow_dataset(store_url):
 def test_manifest_create_and_reload(store_url):
     st = Store.open(store_url) / "runA"
     m = Manifest.load_or_create(st, "runA", {"name": "runA"}, "h1")
-    m.set_stage("harvest", status="done", wall_s=1.5)
+    m.data["targets"]["m@main"] = {"model": "m", "revision": "main", "folder": "targets/m@main", "stages": {}}
+    m.set_stage("m@main", "harvest", status="done", wall_s=1.5, result={"rows": 3})
+    m.set_stage(None, "report", status="done")
     m2 = Manifest.load(st)
-    assert m2.stage_done("harvest") and m2.data["stages"]["harvest"]["wall_s"] == 1.5
+    assert m2.result("m@main", "harvest") == {"rows": 3} and m2.stage("m@main", "harvest")["wall_s"] == 1.5
+    assert m2.stage(None, "report")["status"] == "done" and m2.result("m@main", "train") is None
     with pytest.raises(InputError, match="belongs to run 'runA'"):
         Manifest.load_or_create(st, "other", {}, "h2")
 
@@ -90,3 +93,66 @@ def test_s3_store_uses_explicit_endpoint_and_credentials(moto_endpoint, s3_url, 
 def test_bad_urls(bad, msg):
     with pytest.raises(InputError, match=msg):
         Store(bad)
+
+
+MiB = 2**20
+
+
+def _multipart(st: Store) -> Store:
+    """Force multipart uploads from 5 MiB on (s3fs's minimum part size) instead of 50 MiB."""
+    st.fs.default_block_size = 5 * MiB
+    return st
+
+
+def _pending_uploads(st: Store) -> list:
+    return st.fs.list_multipart_uploads(st.root.split("/", 1)[0])
+
+
+# a discarded file must be closed for good: its __del__ must neither commit nor fail
+no_del_errors = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
+
+@no_del_errors
+def test_s3_failed_multipart_write_is_aborted(s3_url):
+    st = _multipart(Store.open(s3_url))
+    st.write_bytes("d/big.bin", b"old")
+    with pytest.raises(RuntimeError):
+        with st.open_write("d/big.bin") as f:
+            f.write(b"a" * (6 * MiB))          # over the block size: multipart started, part 1 sent
+            assert f.mpu is not None and len(f.parts) == 1
+            f.write(b"b" * (3 * MiB))
+            raise RuntimeError("crash mid-write")
+    assert st.read_bytes("d/big.bin") == b"old"
+    assert _pending_uploads(st) == []          # aborted, not left dangling
+    with pytest.raises(RuntimeError):          # a new key: nothing appears at all
+        with st.open_write("d/new.bin") as f:
+            f.write(b"a" * (6 * MiB))
+            raise RuntimeError("crash mid-write")
+    assert st.ls("d") == ["big.bin"] and _pending_uploads(st) == []
+
+
+@no_del_errors
+def test_s3_failed_small_write_sends_nothing(s3_url):
+    st = Store.open(s3_url)
+    with pytest.raises(RuntimeError):
+        with st.open_write("d/small.bin") as f:
+            f.write(b"x" * 1000)
+            raise RuntimeError("crash mid-write")
+    import gc
+
+    gc.collect()                               # the discarded file's __del__ must not commit it either
+    assert not st.exists("d/small.bin") and st.ls("d") == []
+
+
+def test_s3_big_write_lands_whole_without_copies(s3_url):
+    st = _multipart(Store.open(s3_url))
+    data = bytes(range(256)) * (12 * MiB // 256) + b"tail"  # 3 parts: 5 + 5 + 2 MiB
+    calls = []
+    st.fs.s3.meta.events.register("before-call.s3", lambda model, **kw: calls.append(model.name))
+    with st.open_write("d/big.bin") as f:
+        for i in range(0, len(data), MiB):
+            f.write(data[i:i + MiB])
+    assert st.read_bytes("d/big.bin") == data
+    assert calls[:1] == ["CreateMultipartUpload"] and calls.count("UploadPart") == 3
+    assert "CompleteMultipartUpload" in calls and "CopyObject" not in calls and "DeleteObject" not in calls
+    assert st.ls("d") == ["big.bin"] and _pending_uploads(st) == []

@@ -11,8 +11,7 @@ import boto3
 import numpy as np
 import pytest
 
-from saeray.audit import open_run
-from saeray.harvest.run import run_harvest
+from saeray.run.audit import open_run, run_targets
 from saeray.spec import parse_spec
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "store.md"
@@ -29,7 +28,8 @@ def model(tmp_path_factory):
     from saeray.models.random_init import save_random_model
     from saeray.storyworld.tokenizer import save_tokenizer, vocab_size
 
-    path = tmp_path_factory.mktemp("m") / "neox"
+    # named like the zoo model the documentation's paths mention (targets/storyworld-4l@main)
+    path = tmp_path_factory.mktemp("m") / "storyworld-4l"
     save_random_model(path, "gpt_neox", n_layers=2, d_model=32, n_heads=4, vocab_size=vocab_size(), n_ctx=64)
     save_tokenizer(path)
     return str(path)
@@ -39,8 +39,8 @@ def _harvest(model: str, store: str) -> dict:
     d = {"name": "demo", "model": {"name": model}, "corpus": {"n_docs": 24, "context_len": 64},
          "hookpoints": ["resid_post.*"], "harvest": {"batch_size": 8, "unit_contexts": 8}, "store": store,
          "resources": {"harvest": {"num_cpus": 0.5}}}
-    ctx = open_run(parse_spec(json.dumps(d)))
-    return run_harvest(ctx.resolved, ctx.store, ctx.manifest)
+    rc = open_run(parse_spec(json.dumps(d)))
+    return run_targets(rc, ["harvest"])[rc.targets[0].id]["harvest"].to_dict()
 
 
 @pytest.mark.slow
@@ -52,12 +52,13 @@ def test_store_md_snippets_run(ray_local, moto_endpoint, model, tmp_path):
     remote = _harvest(model, "s3://my-bucket/runs")
     assert local["rows"] == remote["rows"]
     # a leftover temporary, as a crashed writer leaves it: the documented globs must not see it
-    acts = tmp_path / "runs" / "demo" / "acts" / "resid_post.1"
+    target = tmp_path / "runs" / "demo" / "targets" / "storyworld-4l@main"
+    acts = target / "acts" / "resid_post.1"
     (acts / ".tmp-0123456789ab-part-00099.parquet").write_bytes((acts / "part-00000.parquet").read_bytes())
 
     snippets = _snippets()
     assert len(snippets) >= 6
-    ns: dict = {"run": str(tmp_path / "runs" / "demo")}
+    ns: dict = {"target": str(target)}
     for code in snippets:
         exec(compile(code.replace("http://127.0.0.1:9000", moto_endpoint), str(DOC), "exec"), ns)
 
@@ -65,10 +66,10 @@ def test_store_md_snippets_run(ray_local, moto_endpoint, model, tmp_path):
     d = 32
     assert ns["acts"].shape == (want, d) and ns["acts"].dtype == np.float16         # pyarrow.dataset
     assert ns["meta"]["saeray.hookpoint"] == "resid_post.1"
-    assert ns["d"].count_rows() == want                                             # manifest file list
+    assert ns["d"].count_rows() == want                                             # records' file list
     assert ns["X"].shape == (len(ns["col"]), d)                                      # Ray Data batch
     assert ns["df"].height == want and ns["n"] == want                               # polars local, S3
     assert int(ns["per_doc"]["len"].sum()) == want
     assert ns["doc3"]["pos"][0] == 1                                                 # duckdb, BOS dropped
-    assert ns["con"].sql("select count(*) from read_parquet('s3://my-bucket/runs/demo/acts/resid_post.1/part-*.parquet')").fetchall() == [(want,)]
+    assert ns["con"].sql("select count(*) from read_parquet('s3://my-bucket/runs/demo/targets/storyworld-4l@main/acts/resid_post.1/part-*.parquet')").fetchall() == [(want,)]
     assert ns["rd"].count() == want

@@ -160,6 +160,7 @@ def run(ctx: TargetContext, inputs: dict) -> HarvestResult:
                            resources=res.ray_options(), max_in_flight=spec.harvest.max_in_flight,
                            name=f"harvest {target}") as pool:
                 timing = pool.run(items, on_item, on_batch)
+                timing["nodes"] = pool.node_ids()
         wall = time.perf_counter() - t0
         timing["wall_s"] = round(wall, 3)
         if counts["t_first"] is not None:

@@ -104,6 +104,12 @@ class PoolWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        """The Ray node this worker runs on (where placement put it)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
     def begin(self, item: str, attempt: int = 0) -> None:
         self.job.begin(item)
         self.current = (item, attempt)
@@ -264,12 +270,12 @@ class ModelPool:
                 pass
             self._pg = None
 
-    def node_ids(self) -> list[str]:
-        """The Ray node of every actor (pipeline order), for placement checks."""
+    def node_ids(self) -> list[list[str]]:
+        """The Ray node of every actor, one list per pipeline in stage order (placement, recorded
+        with the stage's timing)."""
         import ray
 
-        return ray.get([a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
-                        for a in self.actors])
+        return [ray.get([a.node.remote() for a in p.actors]) for p in self.pipes]
 
     # -- running items --------------------------------------------------------------------------------
     def run(self, items: Iterable[Item], on_item: Callable[[str, list], None],
