@@ -112,11 +112,12 @@ def expand_targets(spec, revision: str | None = None) -> list[Target]:
     ``revision`` overrides every model's revisions (``saeray harvest --revision``)."""
     models = spec.models
     slugs = [_slug(m.name) for m in models]
-    if len(set(slugs)) < len(slugs):   # two local folders both called "model", say
-        slugs = [f"{s}-{hashlib.sha256(m.name.encode()).hexdigest()[:6]}" for s, m in zip(slugs, models)]
+    clash = {s for s in slugs if slugs.count(s) > 1}   # two local folders both called "model", say
+    slugs = [f"{s}-{hashlib.sha256(m.name.encode()).hexdigest()[:6]}" if s in clash else s
+             for s, m in zip(slugs, models)]
     out = []
     for i, (m, slug) in enumerate(zip(models, slugs)):
-        where = f"model[{i}]" if isinstance(spec.model, list) else "model"
+        where = f"model[{i}]" if len(models) > 1 else "model"
         revs = [revision] if revision else expand_revisions(m, where)
         for rev in revs:
             try:
