@@ -213,3 +213,31 @@ def test_data_parallel_unit_matches_single_worker(ray_local, tiny_model, tmp_pat
         outs[workers] = load(ctx.store.url_of("saes/resid_post.2/relu-w64-l11"))
     x = torch.randn(512, 32)
     torch.testing.assert_close(outs[2](x).recon, outs[1](x).recon, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["no_sae", "layer_out_of_range", "too_many_stages", "no_heldout", "bad_revision"])
+def test_spec_that_cannot_finish_fails_before_anything_runs(tiny_model, tmp_path, case):
+    """Every stage checks the whole spec first: a spec that would fail midway (today: after the
+    harvest) fails before Ray starts or anything is written, naming the field."""
+    from saeray.errors import InputError
+
+    d = {"name": "chk", "model": {"name": tiny_model}, "hookpoints": ["resid_post.1"],
+         "sae": {"architectures": [{"arch": "topk", "width": 64, "k": 4}]}, "store": str(tmp_path / "store")}
+    want = {"no_sae": r"sae: the spec has no sae section",
+            "layer_out_of_range": r"hookpoints \(.*neox@main\): .*resid_post\.7",
+            "too_many_stages": r"harvest\.stages: 5 stages .* only 4 layers",
+            "no_heldout": r"corpus\.heldout_docs: 0 held-out documents",
+            "bad_revision": r"model\.revisions: .* has no revision 'step3'"}[case]
+    if case == "no_sae":
+        del d["sae"]
+    elif case == "layer_out_of_range":
+        d["hookpoints"] = ["resid_post.1", "resid_post.7"]
+    elif case == "too_many_stages":
+        d["harvest"] = {"stages": 5}
+    elif case == "no_heldout":
+        d["corpus"] = {"heldout_docs": 0}
+    else:
+        d["model"]["revisions"] = ["step3"]
+    with pytest.raises(InputError, match=want):
+        run_audit(parse_spec(json.dumps(d)))
+    assert not (tmp_path / "store").exists()

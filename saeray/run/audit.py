@@ -30,8 +30,8 @@ class RunContext:
     spec: AuditSpec          # as written: ${ENV} placeholders kept; safe to serialise
     resolved: AuditSpec      # placeholders substituted; in memory only
     store: Store             # the run folder: <store>/<spec.name>
-    manifest: Manifest
     targets: list[Target]
+    manifest: Manifest | None = None   # opened once every check has passed: a bad spec writes nothing
 
     def target(self, t: Target) -> TargetContext:
         return TargetContext(self.resolved, self.spec, t, self.store, self.store / t.folder, self.manifest)
@@ -42,15 +42,15 @@ def open_run(spec: AuditSpec, store_url: str | None = None, revision: str | None
         spec = spec.with_store(store_url)
     resolved = spec.resolved()
     targets = expand_targets(resolved, revision)
-    run_store = Store.from_spec(resolved.store) / spec.name
-    manifest = Manifest.load_or_create(run_store, spec.name, spec.to_dict(), spec.hash())
-    return RunContext(spec, resolved, run_store, manifest, targets)
+    return RunContext(spec, resolved, Store.from_spec(resolved.store) / spec.name, targets)
 
 
 def run_targets(rc: RunContext, stages: list[str], address: str | None = None) -> dict[str, dict[str, Any]]:
     """Run ``stages`` (and what they need) for every target; {target id: {stage: result}}."""
     chain = select(stages)
     check_all(rc.resolved, rc.targets, chain)
+    if rc.manifest is None:
+        rc.manifest = Manifest.load_or_create(rc.store, rc.spec.name, rc.spec.to_dict(), rc.spec.hash())
     for t in rc.targets:
         rc.manifest.add_target(t)
     rc.manifest.save()
