@@ -141,7 +141,7 @@ class EvaluationSpec(_Strict):
     ce_loss: bool = True
     concepts: bool = True
     batch_size: int = Field(32, ge=1, description="held-out contexts per batch")
-    pipelines: int = Field(1, ge=1, description="model pipelines evaluating side by side (hook points spread over them)")
+    pipelines: int = Field(1, ge=1, description="model pipelines evaluating side by side (held-out batches spread over them)")
 
 
 class StoreSpec(_Strict):

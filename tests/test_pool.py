@@ -88,7 +88,7 @@ def test_gradient_through_workers_equals_autograd(tiny_model, batch):
     valid = torch.as_tensor(batch.keep[:, 1:])
     loss = (-logp.gather(-1, ids[:, 1:, None]).squeeze(-1)[valid]).mean()
     loss.backward()
-    assert got["loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert got["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
     for hp, L in (("resid_post.1", 2), ("resid_post.2", 3)):
         torch.testing.assert_close(got[hp]["act"], hs[L].detach(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[hp]["grad"], hs[L].grad, atol=1e-6, rtol=1e-4)

@@ -230,6 +230,11 @@ class ModelPool:
         if custom:
             opts["resources"] = custom
         if res:
+            have = ray.cluster_resources()
+            short = {k: v for k, v in res.items() if have.get(k, 0) < v * (n if k != "memory" else 1)}
+            if short:   # an autoscaler may add nodes; without one this waits until someone does
+                log.warning(f"{self.name}: {n} actor(s) of {res} do not fit the cluster as it is now "
+                            f"({', '.join(f'{k}: {have.get(k, 0):g}' for k in short)}); waiting for nodes to join")
             self._pg = placement_group([dict(res) for _ in range(n)], strategy="PACK", name=f"saeray-{self.name}")
             waited = 0.0
             while not self._pg.wait(timeout_seconds=30):
