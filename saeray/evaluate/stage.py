@@ -14,32 +14,26 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import InputError, SaerayError
 from ..progress import progress
-from ..run.stages import Stage, TargetContext
+from ..run.stages import Result, Stage, TargetContext
 from .concepts import storyworld_concepts
 
 log = logging.getLogger("saeray")
 
 
 @dataclass
-class EvalResult:
+class EvalResult(Result):
     loss_clean: float
     heldout_tokens: int
     n_concepts: int
     saes: dict = field(default_factory=dict)      # hookpoint -> variant -> metrics (no per-concept detail)
     detail: str = "eval.json"                       # per-concept detail, in the target's folder
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EvalResult":
-        return cls(**d)
 
 
 def key(spec, target) -> dict:
@@ -51,7 +45,7 @@ def key(spec, target) -> dict:
 
 
 def check(spec, targets) -> None:
-    from .. harvest.corpus import corpus_for
+    from ..harvest.corpus import corpus_for
 
     if spec.corpus.heldout_docs == 0:
         raise InputError("corpus.heldout_docs: 0 held-out documents, but the evaluate stage needs some; "

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ..errors import InputError, SaerayError
 from ..progress import progress
 from ..run.records import Records
-from ..run.stages import Stage, TargetContext
+from ..run.stages import Result, Stage, TargetContext
 from .corpus import Units, corpus_for
 
 log = logging.getLogger("saeray")
@@ -57,7 +57,7 @@ def plan(spec, target) -> Plan:
 
 
 @dataclass
-class HarvestResult:
+class HarvestResult(Result):
     hookpoints: list[str]
     widths: dict[str, int]
     ranges: list[list[int]]
@@ -68,12 +68,6 @@ class HarvestResult:
     tokens_per_s: float | None = None
     timing: dict = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HarvestResult":
-        return cls(**d)
 
 
 def key(spec, target) -> dict:
@@ -96,7 +90,7 @@ def totals(records: dict[str, dict]) -> dict:
 
 
 def run(ctx: TargetContext, inputs: dict) -> HarvestResult:
-    from ..models.pool import Load, ModelPool
+    from ..models.pool import Item, Load, ModelPool
     from .job import HarvestJob
 
     spec, target = ctx.spec, ctx.target
@@ -137,8 +131,6 @@ def run(ctx: TargetContext, inputs: dict) -> HarvestResult:
                     raise SaerayError(f"harvest {target} unit {unit}: {hp} has {rec['rows']} rows, "
                                       f"expected {expected[unit]}")
             records.put(unit, {"rows": expected[unit], "files": files})
-
-        from ..models.pool import Item
 
         items = [Item(Units.name(u), lambda u=u: batches(u)) for u in todo]
         meta = {"model": target.model, "revision": target.revision}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from ..errors import InputError
@@ -44,6 +44,18 @@ class TargetContext:
     def section(self, stage: str) -> dict:
         """This target's record of ``stage`` in the manifest (status, key, result, wall_s)."""
         return self.manifest.stage(self.target.id, stage)
+
+
+class Result:
+    """Base of the stages' typed results (dataclasses): recorded in the manifest as a dict, handed
+    back as the dataclass to the stages that need it."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**d)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ..errors import InputError, SaerayError
 from ..run.records import Records
-from ..run.stages import Stage, TargetContext
+from ..run.stages import Result, Stage, TargetContext
 from .unit import CKPT_DIR, RESULT, UnitConfig, train_unit, variant_name, variants_from_spec
 
 log = logging.getLogger("saeray")
@@ -76,15 +76,9 @@ def _storage(store) -> tuple:
 
 
 @dataclass
-class TrainResult:
+class TrainResult(Result):
     saes: dict = field(default_factory=dict)   # hookpoint -> variant -> {path (in the target folder), arch, ...}
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainResult":
-        return cls(**d)
 
 
 def key(spec, target) -> dict:
