@@ -23,6 +23,10 @@ def test_bench_store_figures():
     assert s3["data_bytes"] == 3 * (MiB // 4) + 6 * MiB
     assert s3["store"]["s3_bytes_per_data_byte"] == pytest.approx(1.0, rel=0.01)
     assert s3["old_tmp_then_mv"]["s3_bytes_per_data_byte"] == pytest.approx(2.0, rel=0.01)
+    # the harvest's own path (pool worker + harvest job + records): each activation byte sent once,
+    # plus a few kB of records; no copies
+    h = res["harvest_s3"]
+    assert 1.0 <= h["s3_bytes_per_act_byte"] < 1.01 and "CopyObject" not in h["calls"]
     assert "CopyObject" not in s3["store"]["calls"] and s3["old_tmp_then_mv"]["calls"]["CopyObject"] == 4
 
 

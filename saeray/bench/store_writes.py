@@ -289,6 +289,50 @@ def s3_amplification(cfg: StoreBenchConfig) -> dict:
     return out
 
 
+def harvest_amplification(work: str, docs: int = 96, unit_contexts: int = 32) -> dict:
+    """The harvest's own write path to S3: a random-init 4-layer GPT-NeoX (d 128, the storyworld
+    tokenizer) on storyworld contexts, through the model pool's worker and harvest job in this
+    process (the same objects the pool's actors hold; in-process so one meter sees every request),
+    each unit's four hook-point files then its record, records consolidated at the end. Returns
+    bytes sent to S3 per byte of activation files, and per byte of everything (records included)."""
+    from ..harvest.corpus import Corpus, Units
+    from ..harvest.job import HarvestJob
+    from ..models.pool import Load, PoolWorker
+    from ..models.random_init import save_random_model
+    from ..spec import CorpusSpec
+    from ..storyworld.tokenizer import build_tokenizer, save_tokenizer, vocab_size
+
+    model = os.path.join(work, "neox")
+    save_random_model(model, "gpt_neox", n_layers=4, d_model=128, n_heads=4, vocab_size=vocab_size(), n_ctx=128)
+    save_tokenizer(model)
+    hps = [f"resid_post.{i}" for i in range(4)]
+    corpus = Corpus(CorpusSpec(n_docs=docs, context_len=128), build_tokenizer())
+    units = Units(docs, unit_contexts)
+    with moto_server():
+        bucket = f"bench-{uuid.uuid4().hex[:10]}"
+        st = Store.open(f"s3://{bucket}/run/targets/neox@main")
+        st.fs.call_s3("create_bucket", Bucket=bucket)
+        meter = S3Meter(st.fs)
+        worker = PoolWorker(Load(model, threads=1), (0, 4), HarvestJob,
+                            {"hookpoints": hps, "widths": {h: 128 for h in hps}, "store": st,
+                             "act_dtype": "float16", "meta": {"model": "neox", "revision": "main"}})
+        records = Records(st, "harvest")
+        for u in range(units.count):
+            name = Units.name(u)
+            c = corpus.contexts(*units.bounds(u))
+            worker.begin(name)
+            for a in range(0, len(c), 16):
+                b = c.slice(a, a + 16)
+                worker.forward(name, 0, b.ids, {"doc": b.doc, "ids": b.ids, "keep": b.keep})
+            records.put(name, {"rows": c.rows(), "files": worker.finish(name)})
+        recs = records.consolidate()
+        act_bytes = sum(f["bytes"] for r in recs.values() for f in r["files"].values())
+        total = meter.total
+    return {"units": units.count, "files": units.count * len(hps), "act_bytes": act_bytes, "s3_bytes": total,
+            "s3_bytes_per_act_byte": round(total / act_bytes, 4), "bytes_by_call": dict(meter.by_op),
+            "calls": dict(sorted(meter.calls.items()))}
+
+
 # -- the bench --------------------------------------------------------------------------------------
 def run_bench(cfg: StoreBenchConfig) -> dict:
     work = cfg.workdir or tempfile.mkdtemp(prefix="saeray-bench-store-")
@@ -297,6 +341,7 @@ def run_bench(cfg: StoreBenchConfig) -> dict:
         res: dict[str, Any] = {"bench": "store", "record_bytes": record_bytes(cfg, work)}
         if cfg.s3:
             res["s3"] = s3_amplification(cfg)
+            res["harvest_s3"] = harvest_amplification(work)
         return res
     finally:
         if not cfg.workdir:
@@ -324,4 +369,8 @@ def render(res: dict) -> str:
             p = s3[policy]
             by = ", ".join(f"{k} {_mb(v)}" for k, v in p["bytes_by_call"].items())
             lines.append(f"  {label:<34} {p['s3_bytes_per_data_byte']:.3f} bytes sent per data byte   ({by})")
+    if "harvest_s3" in res:
+        h = res["harvest_s3"]
+        lines.append(f"harvest to S3 ({h['units']} units, {h['files']} activation files, {_mb(h['act_bytes'])}): "
+                     f"{h['s3_bytes_per_act_byte']:.4f} bytes sent per activation byte (records included)")
     return "\n".join(lines)
