@@ -74,7 +74,8 @@ class ModelSpec(_Strict):
 
 
 class CorpusSpec(_Strict):
-    source: str = Field("storyworld", description="'storyworld' or a .txt/.jsonl/.parquet file or folder (local or s3://)")
+    source: str = Field("storyworld", description="'storyworld', 'python-docs' (CPython's docs and docstrings: English, offline) "
+                        "or a .txt/.jsonl/.parquet file or folder (local or s3://)")
     text_field: str = "text"
     n_docs: int = Field(2000, ge=1, description="documents (storyworld) or contexts (text) to harvest")
     context_len: int = Field(128, ge=2, le=1_000_000)

@@ -77,7 +77,11 @@ class Corpus:
         self.T = corpus_spec.context_len
         self.bos, self.pad, self.eos = _special_ids(tokenizer)
         self.is_storyworld = corpus_spec.source == "storyworld"
-        if not self.is_storyworld:
+        if corpus_spec.source == "python-docs":   # built-in English text (saeray/harvest/python_docs.py)
+            from .python_docs import materialize
+
+            self.files = [str(materialize())]
+        elif not self.is_storyworld:
             self.files = _list_text_files(corpus_spec.source)
         self._flat: np.ndarray | None = None    # text sources: every token the run needs, in order
         self._lock = threading.Lock()
