@@ -46,7 +46,8 @@ def documents() -> Iterator[dict]:
                 tree = ast.parse(path.read_text(encoding="utf-8"))
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
-            module = ".".join(path.relative_to(root).with_suffix("").parts)
+            parts = path.relative_to(root).with_suffix("").parts
+            module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)   # json/__init__.py is json
             for node, qual in _documented(tree, module):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= MIN_CHARS:
