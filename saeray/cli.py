@@ -214,7 +214,8 @@ def harvest(
 
 @bench_app.command("harvest")
 def bench_harvest(
-    models: str = typer.Option("storyworld,gpt2", "--models", help="comma list of storyworld, gpt2"),
+    models: str = typer.Option("storyworld,gpt2", "--models", help="comma list of storyworld, gpt2, smollm2 (the real "
+                               "LLM on real English; --gpt2-docs/--gpt2-batch-size size it too)"),
     docs: int = typer.Option(2048, "--docs", min=1, help="documents for the storyworld-shaped model"),
     gpt2_docs: int = typer.Option(32, "--gpt2-docs", min=1, help="documents for the GPT-2-small-shaped model"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="contexts per batch, storyworld model (a, b, c alike)"),

@@ -49,14 +49,14 @@ from .s3local import moto_server
 
 log = logging.getLogger("saeray")
 
-MODELS = ("storyworld", "gpt2")
+MODELS = ("storyworld", "gpt2", "smollm2")
 
 
 @dataclass
 class HarvestBenchConfig:
     models: tuple[str, ...] = MODELS
     docs: int = 2048                # storyworld-model corpus (documents = contexts): a steady window of seconds
-    gpt2_docs: int = 32             # the GPT-2-small shape costs ~40x more per token on CPU
+    gpt2_docs: int = 32             # the GPT-2-small shape (and SmolLM2) cost ~40x more per token on CPU
     batch_size: int = 32
     gpt2_batch_size: int = 4        # several batches even in a short run: the steady rate needs them
     context_len: int = 128
@@ -95,6 +95,11 @@ def prepare_model(kind: str, folder: Path) -> tuple[str, str, dict]:
             save_random_model(path, "gpt2", **shape)
             save_tokenizer(path)  # storyworld ids are all < GPT-2's vocabulary; one tokenizer for both
         return str(path), "GPT-2 small shape, random init", shape
+    if kind == "smollm2":   # the real LLM (docs/models.md), on real English ('python-docs')
+        from ..models.smollm2 import materialize
+
+        return str(materialize()), "SmolLM2-135M-Instruct (real weights, Q4_1 dequantized)", \
+            {"n_layers": 30, "d_model": 576, "n_heads": 9}
     from ..errors import InputError
 
     raise InputError(f"--models: unknown model '{kind}'; use {', '.join(MODELS)}")
@@ -133,13 +138,13 @@ class RssSampler:
 
 
 def make_spec(cfg: HarvestBenchConfig, model: str, store: str, name: str, n_docs: int, n_layers: int,
-              batch_size: int | None = None):
+              batch_size: int | None = None, source: str = "storyworld"):
     import json
 
     from ..spec import parse_spec
 
     d = {"name": name, "model": {"name": model, "dtype": "float32"},
-         "corpus": {"n_docs": n_docs, "context_len": cfg.context_len},
+         "corpus": {"source": source, "n_docs": n_docs, "context_len": cfg.context_len},
          "hookpoints": [f"{cfg.hookpoint_kind}.{i}" for i in range(n_layers)],
          "harvest": {"batch_size": batch_size or cfg.batch_size, "unit_contexts": cfg.unit_contexts, "stages": 1, "dtype": "float16"},
          "store": store, "resources": {"harvest": {"num_cpus": cfg.threads}}}
@@ -213,7 +218,8 @@ def bench_model(cfg: HarvestBenchConfig, kind: str, work: Path, s3_root: str | N
     B = cfg.batch_size if kind == "storyworld" else cfg.gpt2_batch_size
     n_layers = shape["n_layers"]
     tag = uuid.uuid4().hex[:6]
-    spec_local = make_spec(cfg, path, str(work / "store"), f"bench-{kind}-{tag}", n_docs, n_layers, B)
+    source = "python-docs" if kind == "smollm2" else "storyworld"
+    spec_local = make_spec(cfg, path, str(work / "store"), f"bench-{kind}-{tag}", n_docs, n_layers, B, source)
     fwd = []
 
     def forward() -> dict:
@@ -233,7 +239,7 @@ def bench_model(cfg: HarvestBenchConfig, kind: str, work: Path, s3_root: str | N
            "b_over_a": round(b["tokens_per_s"] / a_b, 3), "b_over_a_e2e": round(b["tokens_per_s_e2e"] / a_b, 3)}
     if s3_root is not None:
         log.info(f"bench harvest [{kind}]: (c) harvest to S3 (moto)")
-        spec_s3 = make_spec(cfg, path, s3_root, f"bench-{kind}-{tag}", n_docs, n_layers, B)
+        spec_s3 = make_spec(cfg, path, s3_root, f"bench-{kind}-{tag}", n_docs, n_layers, B, source)
         c = harvest_rate(spec_s3, cfg.threads)
         forward()
         a_c = sum(f["tokens_per_s"] for f in fwd[1:3]) / 2
