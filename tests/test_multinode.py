@@ -1,6 +1,7 @@
 """A multi-node Ray cluster on this machine: a head (0 CPUs: GCS and driver only) and two worker
-nodes, each started with ``ray start --block`` on 127.0.0.1 with its own ports, temp dir and custom
-resources, and stopped by PID. Two targets are audited with ``resources.<stage>.custom: {shard: 1}``;
+nodes, each started with ``ray start --block`` on 127.0.0.1 (the workers through Ray's own CLI with
+one guard lifted: see WORKER_START) with its own ports, temp dir and custom resources, and stopped
+by PID. Two targets are audited with ``resources.<stage>.custom: {shard: 1}``;
 each worker node holds one ``shard``, so the two stages of every pipeline land on different nodes
 and the hidden states between them cross node boundaries through the object store. The results
 (activations of every hook point, SAE weights) must equal those of the same spec on one node."""
@@ -22,7 +23,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import REPO, free_port
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 VENV_BIN = Path(sys.executable).parent
@@ -45,6 +46,25 @@ def ray_env() -> dict:
            "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+# `ray start` for a worker node on 127.0.0.1: Ray's own CLI (ray.scripts.scripts.main, what the `ray`
+# executable runs) with one guard lifted. With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what keeps Ray on
+# loopback) `ray start --address` aborts ("Multi-node Ray clusters are not supported on Windows and
+# OSX"); with it on, `ray start` rewrites 127.0.0.1 in --address and --node-ip-address to this
+# machine's outward IP (Ray 2.60, services.resolve_ip_for_localhost), and with a node IP other than
+# 127.0.0.1 (127.0.0.2, ...) the GCS and raylet listen on every interface. So: the guard sees the
+# flag on; everything else (this process and every Ray process it starts) sees it off.
+WORKER_START = """\
+import sys, types
+import ray._private.ray_constants as rc
+from ray.scripts import scripts
+view = types.ModuleType(rc.__name__)
+view.__dict__.update(rc.__dict__)
+view.ENABLE_RAY_CLUSTER = True
+scripts.ray_constants = view
+sys.exit(scripts.main())
+"""
 
 
 def free_ports(n: int) -> list[int]:
@@ -78,25 +98,25 @@ class RayNode:
 
 def start_node(name: str, root: Path, logs: Path, env: dict, *, head_port: int, head: bool = False,
                num_cpus: int = 0, resources: dict | None = None, object_store_mb: int = 256) -> RayNode:
-    """``ray start --block`` as our own subprocess: a head (``head=True``, GCS on ``head_port``) or a
-    worker joining 127.0.0.1:``head_port``. Every port with a fixed default gets a free one; workers
+    """``ray start --block`` on 127.0.0.1 as our own subprocess: the head (``head=True``, GCS on
+    ``head_port``) or a worker joining it. Every port with a fixed default gets a free one; workers
     bind OS-assigned ports (``--min/max-worker-port 0``), so no range can clash with another Ray on
     this machine. Each node has its own short temp dir (Ray's unix sockets need short paths)."""
     tmp = root / name
     tmp.mkdir()
     agent, agent_grpc, renv, metrics, nm, om = free_ports(6)
-    cmd = [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
-           "--object-store-memory", str(object_store_mb * 1024**2), "--temp-dir", str(tmp),
-           "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-           "--runtime-env-agent-port", str(renv), "--metrics-export-port", str(metrics),
-           "--node-manager-port", str(nm), "--object-manager-port", str(om),
-           "--min-worker-port", "0", "--max-worker-port", "0", "--disable-usage-stats"]
+    args = ["start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+            "--object-store-memory", str(object_store_mb * 1024**2), "--temp-dir", str(tmp),
+            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+            "--runtime-env-agent-port", str(renv), "--metrics-export-port", str(metrics),
+            "--node-manager-port", str(nm), "--object-manager-port", str(om),
+            "--min-worker-port", "0", "--max-worker-port", "0", "--disable-usage-stats"]
     if head:
         dash, client = free_ports(2)
-        cmd += ["--head", "--port", str(head_port), "--include-dashboard", "false", "--dashboard-port", str(dash),
-                "--ray-client-server-port", str(client)]
+        cmd = [RAY, *args, "--head", "--port", str(head_port), "--include-dashboard", "false",
+               "--dashboard-port", str(dash), "--ray-client-server-port", str(client)]
     else:
-        cmd += ["--address", f"{os.environ.get('MN_HOST', '127.0.0.1')}:{head_port}"]
+        cmd = [sys.executable, "-c", WORKER_START, *args, "--address", f"127.0.0.1:{head_port}"]
     if resources:
         cmd += ["--resources", json.dumps(resources)]
     log = logs / f"{name}.log"
@@ -106,7 +126,7 @@ def start_node(name: str, root: Path, logs: Path, env: dict, *, head_port: int, 
 
 
 def stop_node(node: RayNode, wait_s: float = 60) -> None:
-    """SIGTERM (``ray start --block`` then stops its raylet, GCS, agents), bounded wait, SIGKILL."""
+    """SIGTERM (``ray start --block`` drains, then stops its raylet, GCS, agents), bounded wait, SIGKILL."""
     node.seen()
     if node.proc.poll() is None:
         node.proc.send_signal(signal.SIGTERM)
@@ -128,11 +148,28 @@ def alive(pids: set[int]) -> set[int]:
     return out
 
 
-def cluster_nodes(address: str, env: dict, want: int, timeout_s: float = 120) -> list[dict]:
+def chunks_received(node: RayNode) -> int:
+    """Object chunks this node's object manager pulled from other nodes (the raylet's
+    debug_state.txt, rewritten every few seconds)."""
+    import re
+
+    n = 0
+    for f in Path(node.temp_dir).glob("session_*/logs/debug_state.txt"):
+        n = max([n, *(int(x) for x in re.findall(r"num chunks received total: (\d+)", f.read_text()))])
+    return n
+
+
+def listening(pids: set[int]) -> set[str]:
+    """The addresses our processes listen on (TCP)."""
+    return {c.laddr.ip for c in psutil.net_connections("tcp") if c.pid in pids and c.status == psutil.CONN_LISTEN}
+
+
+def cluster_nodes(address: str, env: dict, want: int, nodes: list[RayNode], timeout_s: float = 120) -> list[dict]:
     """Alive nodes of the cluster (``ray.nodes()``), from a short-lived driver that waits (bounded)
-    until ``want`` of them are alive. Our own process already holds the session's local Ray."""
+    until ``want`` of them are alive (our own process already holds the session's local Ray).
+    Fails at once, with its log, if one of our ``ray start`` processes exits meanwhile."""
     code = textwrap.dedent(f"""\
-        import json, sys, time, ray
+        import json, time, ray
         ray.init(address={address!r}, log_to_driver=False, logging_level="ERROR")
         deadline = time.monotonic() + {timeout_s}
         while True:
@@ -140,17 +177,29 @@ def cluster_nodes(address: str, env: dict, want: int, timeout_s: float = 120) ->
             if len(nodes) >= {want} or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        print(json.dumps([{{"id": n["NodeID"], "resources": n["Resources"], "head": "node:__internal_head__" in n["Resources"]}} for n in nodes]))
+        print(json.dumps([{{"id": n["NodeID"], "resources": n["Resources"]}} for n in nodes]))
         """)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s + 90)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    q = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        deadline = time.monotonic() + timeout_s + 90
+        while q.poll() is None and time.monotonic() < deadline:
+            for n in nodes:
+                assert n.proc.poll() is None, f"ray start ({n.name}) exited: {n.log.read_text()[-3000:]}"
+            time.sleep(0.5)
+    finally:
+        if q.poll() is None:
+            q.kill()
+        out, err = q.communicate(timeout=30)
+    assert q.returncode == 0, (out + err)[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.fixture
 def ray_cluster(tmp_path):
-    """Head (0 CPUs) + node_a + node_b (1 CPU and one `shard` each); yields (address, env,
-    {"head"|"node_a"|"node_b": node id}). Stopped by PID in `finally`: workers first, then the head."""
+    """Head (0 CPUs: GCS and drivers) + node_a + node_b (1 CPU and one `shard` each), all on
+    127.0.0.1; yields (address, env, {"head"|"node_a"|"node_b": node id}, nodes). Stopped by PID in
+    `finally`: workers first, then the head; every process they started must be gone."""
     env = ray_env()
     root = Path(tempfile.mkdtemp(prefix="saeray-mn-", dir="/tmp"))
     logs = tmp_path / "ray-logs"
@@ -163,28 +212,29 @@ def ray_cluster(tmp_path):
         for name in ("node_a", "node_b"):
             nodes.append(start_node(name[-1], root, logs, env, head_port=port, num_cpus=1,
                                     resources={name: 1, "shard": 1}))
-        for n in nodes:
-            time.sleep(0.5)
-            assert n.proc.poll() is None, f"ray start for {n.name} exited: {n.log.read_text()[-3000:]}"
-        found = cluster_nodes(address, env, want=3)
+        found = cluster_nodes(address, env, 3, nodes)
         assert len(found) == 3, found
-        ids = {"head": next(n["id"] for n in found if n["head"])}
+        ids = {"head": next(n["id"] for n in found if "node:__internal_head__" in n["resources"])}
         for name in ("node_a", "node_b"):
             ids[name] = next(n["id"] for n in found if n["resources"].get(name) == 1)
-            assert next(n for n in found if n["id"] == ids[name])["resources"].get("shard") == 1
-        assert next(n for n in found if n["head"])["resources"].get("CPU", 0) == 0
+        res = {n["id"]: n["resources"] for n in found}
+        assert res[ids["head"]].get("CPU", 0) == 0 and "shard" not in res[ids["head"]]
+        assert all(res[ids[k]].get("shard") == 1 and res[ids[k]].get("CPU") == 1 for k in ("node_a", "node_b"))
+        assert all("node:127.0.0.1" in r for r in res.values())        # every node on loopback
         for n in nodes:
             n.seen()
+        ours = set().union(*(n.descendants for n in nodes)) | {n.pid for n in nodes}
+        assert listening(ours) <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening(ours)
         yield address, env, ids, nodes
     finally:
         for n in reversed(nodes):      # workers first, then the head
             stop_node(n)
-        gone_by = time.monotonic() + 60
         spawned = set().union(*(n.descendants for n in nodes)) if nodes else set()
+        gone_by = time.monotonic() + 60
         while alive(spawned) and time.monotonic() < gone_by:
             time.sleep(0.5)
         left = alive(spawned)
-        for pid in left:               # ours (descendants of our `ray start`s): never leak them
+        for pid in left:               # ours (started by our `ray start`s): never leak them
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -227,9 +277,12 @@ def read_acts(target: Path, hookpoint: str):
 def test_two_targets_across_nodes_match_one_node(ray_cluster, ray_local, tmp_path):
     from safetensors.numpy import load_file
 
+    from saeray.harvest.schema import acts_to_numpy
+    from saeray.run.audit import run_audit
+    from saeray.spec import load_spec
     from saeray.storyworld.zoo import resolve
 
-    address, env, ids, _nodes = ray_cluster
+    address, env, ids, nodes = ray_cluster
     workers = {ids["node_a"], ids["node_b"]}
     for rev in REVISIONS:            # build the test zoo (seconds) before the clocks below start
         resolve(MODEL, rev, progress=False)
@@ -252,18 +305,18 @@ def test_two_targets_across_nodes_match_one_node(ray_cluster, ray_local, tmp_pat
         t = manifest["targets"][tid]
         assert {s: t["stages"][s]["status"] for s in ("harvest", "train", "evaluate")} == dict.fromkeys(
             ("harvest", "train", "evaluate"), "done")
-        nodes = t["stages"]["harvest"]["result"]["timing"]["nodes"]
-        assert len(nodes) == 1 and len(nodes[0]) == 2, nodes       # one pipeline of two stages
-        assert set(nodes[0]) == workers, (nodes, ids)              # one stage on each worker node
+        placed = t["stages"]["harvest"]["result"]["timing"]["nodes"]
+        assert len(placed) == 1 and len(placed[0]) == 2, placed    # one pipeline of two stages
+        assert set(placed[0]) == workers, (placed, ids)            # one stage on each worker node
+    # and the hidden states did travel: the worker nodes' object managers pulled chunks from each other
+    received = {n.name: chunks_received(n) for n in nodes}
+    assert received["a"] + received["b"] > 0, received
     summary = json.loads((mn_store / "mn" / "report" / "summary.json").read_text())
     rows = {(s["revision"], s["hookpoint"]): s for s in summary["saes"]}
     assert set(rows) == {(rev, hp) for rev in REVISIONS for hp in HOOKPOINTS}
     assert all(s["arch"] == "topk" and s["ce_loss_recovered"] is not None for s in rows.values())
 
     # the same spec on one node (the session's local Ray has no custom resources)
-    from saeray.run.audit import run_audit
-    from saeray.spec import load_spec
-
     one_store = tmp_path / "one-store"
     t0 = time.monotonic()
     run_audit(load_spec(str(write_spec(tmp_path / "one.yaml", "one", one_store, custom=False))))
@@ -275,8 +328,6 @@ def test_two_targets_across_nodes_match_one_node(ray_cluster, ray_local, tmp_pat
             assert a.num_rows == b.num_rows > 0
             for col in ("doc", "pos", "token"):
                 assert a[col].equals(b[col]), (tid, hp, col)
-            from saeray.harvest.schema import acts_to_numpy
-
             xa, xb = acts_to_numpy(a["act"]), acts_to_numpy(b["act"])
             assert xa.dtype == np.float32 and xa.shape == (a.num_rows, D_MODEL)
             # float32, same layer split, same thread count, same batches: bit for bit
@@ -286,4 +337,5 @@ def test_two_targets_across_nodes_match_one_node(ray_cluster, ray_local, tmp_pat
             assert sorted(wa) == sorted(wb) and wa
             for k in wa:                 # same data, same seed, same threads: the same SAE
                 np.testing.assert_array_equal(wa[k], wb[k], err_msg=f"{tid} {hp} {k}")
-    print(f"multi-node audit {t_mn:.1f} s, one-node audit {t_one:.1f} s")
+    print(f"multi-node audit {t_mn:.1f} s (object chunks received per node: {received}), "
+          f"one-node audit {t_one:.1f} s")
