@@ -81,6 +81,8 @@ class CorpusSpec(_Strict):
     context_len: int = Field(128, ge=2, le=1_000_000)
     seed: int = 0
     drop_bos: bool = True
+    skip_first: int = Field(0, ge=0, description="leading real tokens of each context not harvested, trained on or "
+                            "spliced: attention-sink positions with massive activations (docs/spec.md)")
     heldout_docs: int = Field(256, ge=0, description="held-out documents for evaluation")
 
 

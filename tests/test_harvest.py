@@ -263,3 +263,20 @@ def test_text_corpus_sources(ray_local, tiny_model, tmp_path):
         Corpus(CorpusSpec(source=str(tmp_path / "b.jsonl"), n_docs=1, context_len=16), tok).contexts(0, 1)
     with pytest.raises(InputError, match="only .* contexts"):
         Corpus(CorpusSpec(source=str(tmp_path / "a.txt"), n_docs=10_000, context_len=16), tok).contexts(0, 10_000)
+
+
+def test_skip_first_drops_attention_sink_positions(tiny_model, tmp_path):
+    """corpus.skip_first: the first real tokens of every context are not kept (text and storyworld)."""
+    from saeray.harvest.corpus import Corpus
+    from saeray.models.load import load_tokenizer
+    from saeray.spec import CorpusSpec
+
+    tok = load_tokenizer(tiny_model)
+    (tmp_path / "a.txt").write_text("\n\n".join(" ".join(["the cat sat on the mat"] * 5) for _ in range(40)))
+    for source in (str(tmp_path / "a.txt"), "storyworld"):
+        base = Corpus(CorpusSpec(source=source, n_docs=8, context_len=16), tok).contexts(0, 8)
+        skip = Corpus(CorpusSpec(source=source, n_docs=8, context_len=16, skip_first=2), tok).contexts(0, 8)
+        np.testing.assert_array_equal(base.ids, skip.ids)                       # same tokens, fewer rows
+        assert not skip.keep[:, :3].any()                                       # BOS + 2 sink positions
+        np.testing.assert_array_equal(skip.keep[:, 3:], base.keep[:, 3:])
+        assert skip.rows() == base.rows() - 2 * 8

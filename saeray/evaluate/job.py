@@ -47,19 +47,24 @@ class EvalJob:
         return self.hookpoints if payload["mode"][0] in ("clean", "values") else []
 
     def interventions(self, payload: dict):
+        """Zero-ablation and splicing act on the kept positions only (the rows the SAE was trained
+        on): BOS, skipped attention-sink positions and padding keep their clean activations, so CE
+        loss recovered measures reconstruction where the SAE is meant to be used."""
         mode = payload["mode"]
-        if mode[0] == "zero" and mode[1] in self.saes:
+        if mode[0] not in ("zero", "sae") or mode[1] not in self.saes:
+            return None
+        keep = torch.from_numpy(np.array(payload["keep"])).to(self.device)
+        if mode[0] == "zero":
             from ..models.hooks import zero_ablate
 
-            return {mode[1]: zero_ablate()}
-        if mode[0] == "sae" and mode[1] in self.saes:
-            sae = self.saes[mode[1]][mode[2]]
+            return {mode[1]: zero_ablate(keep)}
+        sae = self.saes[mode[1]][mode[2]]
 
-            def splice(act: torch.Tensor) -> torch.Tensor:
-                shape = act.shape
-                return sae(act.reshape(-1, shape[-1]).float()).recon.reshape(shape).to(act.dtype)
-            return {mode[1]: splice}
-        return None
+        def splice(act: torch.Tensor) -> torch.Tensor:
+            out = act.clone()
+            out[keep] = sae(act[keep].float()).recon.to(act.dtype)
+            return out
+        return {mode[1]: splice}
 
     def on_acts(self, payload: dict, acts: dict[str, torch.Tensor]) -> None:
         mode = payload["mode"][0]

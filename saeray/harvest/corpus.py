@@ -13,7 +13,12 @@ Sources (``corpus.source`` in the spec):
 
 A work unit is ``unit_contexts`` consecutive contexts: unit ``u`` covers contexts
 ``[u*U, (u+1)*U)``. Rows kept per context: every real token, minus position 0 when it is BOS and
-``drop_bos`` is set; padding is never kept.
+``drop_bos`` is set, minus the first ``skip_first`` real tokens; padding is never kept.
+``skip_first`` exists for attention-sink positions: language models park huge, content-free
+activations on the first token(s) of a context (Sun et al. 2024, "Massive activations"; SmolLM2's
+first real token has residual norms ~140x the median from layer ~10 on, docs/benchmarks.md), which
+would dominate an SAE's reconstruction loss. Rows not kept are neither harvested, trained on, nor
+replaced by an SAE in evaluation.
 """
 from __future__ import annotations
 
@@ -52,7 +57,8 @@ def _special_ids(tokenizer) -> tuple[int | None, int, int | None]:
     return bos, pad, eos
 
 
-def _pack(token_lists: list[list[int]], first_doc: int, T: int, bos: int | None, pad: int, drop_bos: bool) -> Contexts:
+def _pack(token_lists: list[list[int]], first_doc: int, T: int, bos: int | None, pad: int, drop_bos: bool,
+          skip_first: int = 0) -> Contexts:
     n = len(token_lists)
     ids = np.full((n, T), pad, dtype=np.int64)
     keep = np.zeros((n, T), dtype=bool)
@@ -63,6 +69,8 @@ def _pack(token_lists: list[list[int]], first_doc: int, T: int, bos: int | None,
         keep[i, : len(seq)] = True
         if bos is not None and drop_bos:
             keep[i, 0] = False
+        first = 1 if bos is not None else 0
+        keep[i, first:first + skip_first] = False
     return Contexts(np.arange(first_doc, first_doc + n, dtype=np.int64), ids, keep)
 
 
@@ -92,7 +100,7 @@ class Corpus:
 
         texts = [" ".join(generate_words(i, seed=self.spec.seed, split=split)) for i in range(start, stop)]
         enc = self.tok(texts, add_special_tokens=False)["input_ids"]
-        return _pack(enc, start, self.T, self.bos, self.pad, self.spec.drop_bos)
+        return _pack(enc, start, self.T, self.bos, self.pad, self.spec.drop_bos, self.spec.skip_first)
 
     # -- text files -------------------------------------------------------------------------------
     @property
@@ -152,6 +160,8 @@ class Corpus:
             keep[:, 0] = not self.spec.drop_bos
         else:
             ids[:] = body
+        first = 1 if self.bos is not None else 0
+        keep[:, first:first + self.spec.skip_first] = False
         return Contexts(np.arange(start, stop, dtype=np.int64), ids, keep)
 
     # -- public -----------------------------------------------------------------------------------

@@ -75,7 +75,8 @@ def key(spec, target) -> dict:
     return {"model": target.model, "revision": target.revision, "model.dtype": target.ref.dtype,
             "hookpoints": list(spec.hookpoints), "harvest.dtype": h.dtype, "harvest.unit_contexts": h.unit_contexts,
             "corpus.source": c.source, "corpus.text_field": c.text_field, "corpus.n_docs": c.n_docs,
-            "corpus.context_len": c.context_len, "corpus.seed": c.seed, "corpus.drop_bos": c.drop_bos}
+            "corpus.context_len": c.context_len, "corpus.seed": c.seed, "corpus.drop_bos": c.drop_bos,
+            "corpus.skip_first": c.skip_first}
 
 
 def check(spec, targets) -> None:
