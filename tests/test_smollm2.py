@@ -326,7 +326,7 @@ def test_cli_converts_once(tmp_path, folder):
     assert (first["n_layers"], first["d_model"], first["params"]) == (30, 576, 134_515_008)
     weights, prov = path / "model.safetensors", path / smollm2.PROVENANCE
     stamps = (weights.stat().st_mtime_ns, prov.stat().st_mtime_ns)
-    assert _sha256(weights) == _sha256(folder / "model.safetensors")
+    assert smollm2._sha256(weights) == smollm2._sha256(folder / "model.safetensors")
     second, wall2 = cli()
     print(f"\nsmollm2 CLI: first call {first['seconds']} s (process {wall1:.1f} s), "
           f"second {second['seconds']} s (process {wall2:.1f} s)")
@@ -336,12 +336,3 @@ def test_cli_converts_once(tmp_path, folder):
     assert second["convert_seconds"] == first["convert_seconds"] and second["seconds"] < 10
     assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
 
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
