@@ -335,4 +335,3 @@ def test_cli_converts_once(tmp_path, folder):
     assert second["path"] == first["path"] and (weights.stat().st_mtime_ns, prov.stat().st_mtime_ns) == stamps
     assert second["convert_seconds"] == first["convert_seconds"] and second["seconds"] < 10
     assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
-
