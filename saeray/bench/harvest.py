@@ -9,11 +9,11 @@ layers, d=768), on the same storyworld contexts:
     captured, ``logits=False`` (the harvest's single stage skips the unembedding too), same batch
     size, context length, dtype and torch threads as the actor. Input is pre-tokenized ids already
     in memory; one warm-up batch is not timed.
-(b) **harvest local**: :func:`saeray.harvest.run.run_harvest` of ``resid_post`` of every layer to a
+(b) **harvest local**: the audit's harvest stage (``run_targets(..., ["harvest"])``) of ``resid_post`` of every layer to a
     local folder, through the spec/run machinery on a local Ray (one shard actor with ``threads``
     CPUs and ``threads`` torch threads). Everything a real harvest does is included: corpus
     generation and tokenization in the driver, batches through the Ray object store, capture,
-    float16 conversion, Parquet encoding, sha256, atomic renames and manifest updates.
+    float16 conversion, Parquet encoding, sha256, atomic writes and per-unit records.
 (c) **harvest S3**: the same into ``s3://`` on a moto server on 127.0.0.1 started here (its CPU
     use competes with the harvest on the same machine, as a real network stack would not).
 
@@ -307,9 +307,10 @@ def run_bench(cfg: HarvestBenchConfig, address: str | None = None) -> dict:
         "included": {
             "forward": "Stage forward only (no capture, no logits) on pre-tokenized ids in memory; same batch size, "
                        "context length, dtype and torch threads as the shard actor; one warm-up batch untimed",
-            "harvest": "run_harvest: storyworld generation + tokenization, Ray object store, capture, float16, Parquet "
-                       "(saeray.harvest.parquet_encode), sha256, atomic rename, manifest; tokens_per_s is steady state (after the first batch "
-                       "returned), tokens_per_s_e2e the whole call incl. actor start and model load",
+            "harvest": "the audit's harvest stage: spec checks, corpus contexts (storyworld generation or the tokenized "
+                       "text), the model pool (placement group, Ray object store), capture, float16, Parquet "
+                       "(saeray.harvest.parquet_encode), sha256, atomic writes, per-unit records; tokens_per_s is steady "
+                       "state (after the first batch returned), tokens_per_s_e2e the whole call incl. actor start and model load",
         },
         "config": {k: v for k, v in asdict(cfg).items() if k != "workdir"},
         "models": models,
