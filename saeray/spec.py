@@ -45,7 +45,8 @@ REVISION_KEYWORDS = ("all", "latest")
 
 
 class ModelSpec(_Strict):
-    name: str = Field(description="HF model id, local folder, or a storyworld zoo model (storyworld-2l/4l/6l)")
+    name: str = Field(description="HF model id, local folder, a storyworld zoo model (storyworld-2l/4l/6l) or "
+                      "smollm2-135m-instruct (docs/models.md)")
     revisions: list[str] = Field(default_factory=lambda: ["main"], min_length=1,
                                  description="checkpoints to audit, e.g. [step1000, main]; 'all' (every checkpoint "
                                  "of a local checkpoint folder) or 'latest' (the newest)")
