@@ -231,7 +231,7 @@ class ModelPool:
             opts["resources"] = custom
         if res:
             have = ray.cluster_resources()
-            short = {k: v for k, v in res.items() if have.get(k, 0) < v * (n if k != "memory" else 1)}
+            short = {k: v for k, v in res.items() if have.get(k, 0) < v * n}
             if short:   # an autoscaler may add nodes; without one this waits until someone does
                 log.warning(f"{self.name}: {n} actor(s) of {res} do not fit the cluster as it is now "
                             f"({', '.join(f'{k}: {have.get(k, 0):g}' for k in short)}); waiting for nodes to join")
