@@ -12,14 +12,14 @@ import math
 from ..evaluate.concepts import F1_FOUND
 from .plots import tradeoff_png
 
-COLUMNS = (("model", "model"), ("revision", "revision"), ("hookpoint", "hook point"), ("arch", "arch"), ("width", "width"), ("k", "k"), ("l1", "l1"),
+COLUMNS = (("target", "target"), ("hookpoint", "hook point"), ("arch", "arch"), ("width", "width"), ("k", "k"), ("l1", "l1"),
            ("l0", "L0"), ("fvu", "FVU"), ("ce_loss_recovered", "CE recovered"), ("kl", "KL"),
            ("dead_frac", "dead"), (f"concepts_f1_{F1_FOUND}", f"concepts F1≥{F1_FOUND}"),
            ("mean_best_f1", "mean best F1"))
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f3f3f3}td.l{text-align:left}img{max-width:100%;margin:0.5em 0}.muted{color:#777}"""
+th{background:#f3f3f3}td.l{text-align:left;white-space:nowrap}img{max-width:100%;margin:0.5em 0}.muted{color:#777}"""
 
 
 def _fmt(v) -> str:
@@ -55,6 +55,11 @@ def render(summary: dict, eval_details: dict[str, dict] | None = None) -> tuple[
         pngs["l0_vs_fvu.png"] = p1
     if p2:
         pngs["l0_vs_ce_loss_recovered.png"] = p2
+    # one target: its model and revision are in the Targets table, not repeated on every row; columns
+    # no SAE has a value for (concept scores on a corpus without planted labels) are left out
+    cols = [c for c in COLUMNS if (c[0] != "target" or len(summary.get("targets", [])) > 1)
+            and any(r.get(c[0]) is not None for r in rows)]
+    left = sum(1 for c in cols if c[0] in ("target", "hookpoint", "arch"))
     parts = [f"<!doctype html><meta charset=utf-8><title>saeray audit: {html.escape(summary['run'])}</title>",
              f"<style>{CSS}</style>", f"<h1>saeray audit: {html.escape(summary['run'])}</h1>",
              "<h2>Targets</h2>",
@@ -66,7 +71,7 @@ def render(summary: dict, eval_details: dict[str, dict] | None = None) -> tuple[
                     [[tid, *(w.get(s) for s in ("harvest", "train", "evaluate"))]
                      for tid, w in summary.get("stage_wall_s", {}).items() if isinstance(w, dict)]),
              "<h2>SAEs</h2>",
-             _table([c[1] for c in COLUMNS], [[r.get(k) for k, _ in COLUMNS] for r in rows], left=4),
+             _table([c[1] for c in cols], [[r.get(k) for k, _ in cols] for r in rows], left=left),
              "<p class=muted>L0, FVU, dead: on held-out tokens. CE recovered = (L_zero − L_sae)/(L_zero − L_clean), "
              "zero-ablation reference. KL: mean per-token KL(clean ‖ spliced).</p>",
              "<h2>Trade-offs</h2>", _img(p1, "L0 vs FVU"), _img(p2, "L0 vs CE loss recovered")]

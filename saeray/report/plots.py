@@ -24,7 +24,7 @@ def tradeoff_png(rows: list[dict], y: str, ylabel: str, title: str) -> bytes | N
 
     hps = list(dict.fromkeys(series(r) for r in pts))
     cmap = plt.get_cmap("viridis", max(len(hps), 2))
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(9.5, 4.5), dpi=110)
     for i, hp in enumerate(hps):
         for r in (r for r in pts if series(r) == hp):
             ax.scatter(max(r["l0"], 1e-3), r[y], color=cmap(i), marker=ARCH_MARKERS.get(r["arch"], "x"), s=46,
@@ -35,13 +35,19 @@ def tradeoff_png(rows: list[dict], y: str, ylabel: str, title: str) -> bytes | N
         if any(r["arch"] == a for r in pts):
             ax.scatter([], [], color="grey", marker=m, label=a)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")   # 12, not 1.2×10¹, on a narrow log range
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("L0 (active latents per token, held-out)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="best")
+    # beside the axes: inside, a legend of many targets x hook points covers the points it explains
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
