@@ -92,5 +92,10 @@ class Manifest:
 
     def result(self, target_id: str, name: str) -> dict | None:
         """A finished stage's recorded result, or None."""
-        rec = self.data.get("targets", {}).get(target_id, {}).get("stages", {}).get(name, {})
-        return rec.get("result") if rec.get("status") == "done" else None
+        return stage_result(self.data.get("targets", {}).get(target_id, {}), name)
+
+
+def stage_result(target: dict, name: str) -> dict | None:
+    """The recorded result of stage ``name`` in one target's manifest section, if it finished."""
+    rec = target.get("stages", {}).get(name, {})
+    return rec.get("result") if rec.get("status") == "done" else None

@@ -4,6 +4,7 @@ the manifest alone, so it can be rebuilt at any time."""
 from __future__ import annotations
 
 from ..evaluate.concepts import F1_FOUND
+from ..manifest import stage_result
 
 SAE_FIELDS = ("model", "revision", "hookpoint", "arch", "width", "k", "l1", "l0", "fvu", "ce_loss_recovered", "kl",
               "dead_frac", "dense_frac", f"concepts_f1_{F1_FOUND}", "n_concepts", "mean_best_f1", "loss_clean",
@@ -11,8 +12,7 @@ SAE_FIELDS = ("model", "revision", "hookpoint", "arch", "width", "k", "l1", "l0"
 
 
 def _result(t: dict, stage: str) -> dict:
-    rec = t.get("stages", {}).get(stage, {})
-    return rec.get("result") or {} if rec.get("status") == "done" else {}
+    return stage_result(t, stage) or {}
 
 
 def sae_rows(manifest_data: dict, store_url: str) -> list[dict]:
