@@ -67,10 +67,10 @@ def _pack(token_lists: list[list[int]], first_doc: int, T: int, bos: int | None,
         seq = seq[:T]
         ids[i, : len(seq)] = seq
         keep[i, : len(seq)] = True
-        if bos is not None and drop_bos:
-            keep[i, 0] = False
-        first = 1 if bos is not None else 0
-        keep[i, first:first + skip_first] = False
+    if bos is not None and drop_bos:
+        keep[:, 0] = False
+    first = 1 if bos is not None else 0
+    keep[:, first:first + skip_first] = False
     return Contexts(np.arange(first_doc, first_doc + n, dtype=np.int64), ids, keep)
 
 
@@ -151,18 +151,7 @@ class Corpus:
             raise InputError(f"corpus {self.spec.source}: only {have} contexts of {self.T} tokens available, "
                              f"{stop} needed; lower corpus.n_docs / corpus.heldout_docs or add text")
         body = flat[start * self.body: stop * self.body].reshape(stop - start, self.body)
-        n = stop - start
-        ids = np.empty((n, self.T), dtype=np.int64)
-        keep = np.ones((n, self.T), dtype=bool)
-        if self.bos is not None:
-            ids[:, 0] = self.bos
-            ids[:, 1:] = body
-            keep[:, 0] = not self.spec.drop_bos
-        else:
-            ids[:] = body
-        first = 1 if self.bos is not None else 0
-        keep[:, first:first + self.spec.skip_first] = False
-        return Contexts(np.arange(start, stop, dtype=np.int64), ids, keep)
+        return _pack(body.tolist(), start, self.T, self.bos, self.pad, self.spec.drop_bos, self.spec.skip_first)
 
     # -- public -----------------------------------------------------------------------------------
     def contexts(self, start: int, stop: int) -> Contexts:
