@@ -23,22 +23,35 @@ class ModelRef:
 
         return load_config(self.path, self.revision, trust_remote_code=self.trust_remote_code)
 
+    # The spec checks and then the stages of a target all ask for the tokenizer and the skeleton;
+    # both are read once per ModelRef and kept on it (outside the dataclass fields, so equality and
+    # hashing are unchanged).
+    def _once(self, name: str, make) -> Any:
+        if name not in self.__dict__:
+            object.__setattr__(self, name, make())
+        return self.__dict__[name]
+
     def tokenizer(self) -> Any:
         from .errors import InputError
         from .models.load import load_tokenizer
 
-        tok = load_tokenizer(self.path, self.revision, trust_remote_code=self.trust_remote_code)
-        if tok is None:
-            raise InputError(f"model '{self.name}' ({self.path}) ships no tokenizer; add tokenizer files to the folder")
-        return tok
+        def make() -> Any:
+            tok = load_tokenizer(self.path, self.revision, trust_remote_code=self.trust_remote_code)
+            if tok is None:
+                raise InputError(f"model '{self.name}' ({self.path}) ships no tokenizer; add tokenizer files to the "
+                                 "folder")
+            return tok
+        return self._once("_tokenizer", make)
 
     def meta_model(self) -> Any:
         """The architecture with no weights (meta device): shapes and module layout for planning."""
         import torch
         from transformers import AutoModelForCausalLM
 
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(self.config(), trust_remote_code=self.trust_remote_code)
+        def make() -> Any:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(self.config(), trust_remote_code=self.trust_remote_code)
+        return self._once("_meta_model", make)
 
 
 def resolve_model(model_spec, revision: str | None = None) -> ModelRef:
