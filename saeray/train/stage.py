@@ -38,22 +38,16 @@ def _train_run_name(run_name: str, hookpoint: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{run_name}-{hookpoint}")
 
 
-def fit_unit(config: dict, resources: dict, run_name: str, storage: tuple) -> dict:
-    """Run one unit as a TorchTrainer; returns its results. Called inside a zero-CPU Ray task."""
+def fit_unit(config: dict, per_worker: dict, run_name: str, storage: tuple) -> dict:
+    """Run one unit as a TorchTrainer; returns its results. Called inside a zero-CPU Ray task.
+    ``per_worker``: Ray resources of each training worker (CPU always given, even 0)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage_path, storage_fs = storage
-    num_gpus = resources.get("num_gpus", 0) or 0
-    per_worker = {"CPU": resources.get("num_cpus", 1.0)}
-    if num_gpus:
-        per_worker["GPU"] = num_gpus
-    if resources.get("memory_gb"):
-        per_worker["memory"] = int(resources["memory_gb"] * 2**30)
-    per_worker.update(resources.get("custom") or {})
     trainer = TorchTrainer(
         _loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=config.get("workers", 1), use_gpu=bool(num_gpus),
+        scaling_config=ScalingConfig(num_workers=config.get("workers", 1), use_gpu=bool(per_worker.get("GPU")),
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=_train_run_name(run_name, config["hookpoint"]), storage_path=storage_path,
                              storage_filesystem=storage_fs, failure_config=FailureConfig(max_failures=MAX_FAILURES)),
@@ -110,7 +104,8 @@ def run(ctx: TargetContext, inputs: dict) -> TrainResult:
     done = records.load()
     todo = [hp for hp in hookpoints if not (hp in done and all(n in done[hp]["saes"] for n in names))]
     t = spec.sae.train
-    res = spec.resources.train.model_dump()
+    res = spec.resources.train
+    per_worker = {"CPU": res.num_cpus, **res.ray_options()}
     log.info(f"train {target}: {len(todo)} of {len(hookpoints)} hook points to train ({len(hookpoints) - len(todo)} "
              f"done), {len(variants)} SAE variants each, {t.tokens} tokens per SAE")
     fit_task = ray.remote(num_cpus=0)(fit_unit)
@@ -120,10 +115,10 @@ def run(ctx: TargetContext, inputs: dict) -> TrainResult:
         cfg = UnitConfig(run_url=store.url, store_options=store.options, hookpoint=hp, variants=variants,
                          tokens=t.tokens, batch_size=t.batch_size, lr=t.lr, seed=t.seed,
                          checkpoint_every=t.checkpoint_every, epochs_max=t.epochs_max, workers=t.workers,
-                         threads=max(1, int(res["num_cpus"])), model=target.model,
+                         threads=max(1, int(res.num_cpus)), model=target.model,
                          meta={"revision": target.revision})
         run_name = f"{ctx.manifest.data['run']}-{target.id}"
-        pending[fit_task.remote(cfg.to_dict(), res, run_name, storage)] = (hp, time.perf_counter())
+        pending[fit_task.remote(cfg.to_dict(), per_worker, run_name, storage)] = (hp, time.perf_counter())
     errors = []
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
