@@ -212,6 +212,34 @@ def harvest(
             typer.echo(f"{t}: {rc.store.url_of(t.folder + '/acts')} ({out[t.id]['rows']} rows per hook point)")
 
 
+# ---- sweeps ----------------------------------------------------------------------------------
+
+
+@app.command()
+def sweep(
+    spec: str = typer.Argument(..., help="audit spec YAML with a 'sweeps:' section (local path or s3://...)"),
+    json_out: bool = typer.Option(False, "--json", help="print each sweep's figures as one JSON line last"),
+) -> None:
+    """Run the spec's causal sweeps (GradSAE, exact ablation, masking, steering) for every target;
+    harvests and trains first what is not done yet. Re-running resumes."""
+    from .run.audit import open_run, run_targets
+    from .spec import load_spec
+
+    s = load_spec(spec)
+    if not s.sweeps:
+        raise InputError(f"{spec}: no 'sweeps:' section; add one (docs/sweeps.md)")
+    rc = open_run(s, state.store)
+    results = run_targets(rc, ["sweeps"], state.address)
+    out = {tid: r["sweeps"].to_dict()["sweeps"] for tid, r in results.items()}
+    if json_out:
+        print_json({"run": rc.store.url, "targets": out})
+        return
+    from .report.sweeps import render_text
+
+    for t in rc.targets:
+        typer.echo(render_text(str(t), out[t.id]))
+
+
 @bench_app.command("harvest")
 def bench_harvest(
     models: str = typer.Option("storyworld,gpt2", "--models", help="comma list of storyworld, gpt2, smollm2 (the real "

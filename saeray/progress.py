@@ -58,9 +58,9 @@ class _Progress:
         if self.total:
             pct = 100.0 * self.done / self.total
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            msg = f"{self.desc}: {self.done:.0f}/{self.total:.0f} {self.unit} ({pct:.1f}%), {rate:.0f} {self.unit}/s, ETA {eta:.0f}s"
+            msg = f"{self.desc}: {self.done:.0f}/{self.total:.0f} {self.unit} ({pct:.1f}%), {rate:.3g} {self.unit}/s, ETA {eta:.0f}s"
         else:
-            msg = f"{self.desc}: {self.done:.0f} {self.unit}, {rate:.0f} {self.unit}/s"
+            msg = f"{self.desc}: {self.done:.0f} {self.unit}, {rate:.3g} {self.unit}/s"
         extra = self._fmt_fields()
         log.info(msg + (f" {extra}" if extra else ""))
 

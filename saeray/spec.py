@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -148,6 +148,48 @@ class EvaluationSpec(_Strict):
     pipelines: int = Field(1, ge=1, description="model pipelines evaluating side by side (held-out batches spread over them)")
 
 
+class GradSAEOptions(_Strict):
+    error_term: bool = Field(False, description="add the SAE's error term back when splicing (paper: dropped)")
+    aggregate: Literal["mean", "sum", "last"] = Field("mean", description="over positions (paper: mean over all)")
+    output: Literal["prob", "logprob", "logit_diff"] = Field("prob", description="what is differentiated and ablated: "
+                                                             "the answer's first token at the answer step (paper: probability)")
+    ig_steps: int = Field(10, ge=0, le=256, description="integrated-gradients steps, one batched pass (0: off)")
+
+
+SWEEP_EXPERIMENTS = ("agreement", "masking", "steering")
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", description="the sweep's folder and report section")
+    method: Literal["gradsae"] = "gradsae"
+    prompts: list[str] = Field(default_factory=lambda: ["storyworld-facts"], min_length=1,
+                               description="prompt sets: storyworld-facts, smollm2-capitals or a .jsonl file")
+    n_prompts: int = Field(64, ge=1, description="prompts per set (before keeping those the model answers correctly)")
+    min_prompt_len: int = Field(16, ge=1, description="storyworld-facts: words before the answer, at least")
+    hookpoints: Optional[list[str]] = Field(None, description="default: every hook point of the audit")
+    saes: Optional[list[str]] = Field(None, description="SAE variant names (topk-w1024-k16) or architectures (topk); "
+                                      "default: all")
+    experiments: list[Literal["agreement", "masking", "steering"]] = Field(
+        default_factory=lambda: list(SWEEP_EXPERIMENTS), min_length=1)
+    ks: list[Union[int, str]] = Field(default_factory=lambda: [1, 10, 20, 30, "50%"], min_length=1,
+                                      description="latents masked/steered: counts, or 'N%' of those active at the last position")
+    topk: int = Field(10, ge=1, description="k of the top-k overlap between score and exact effect")
+    exact_batch: int = Field(32, ge=1, description="latents ablated per forward pass")
+    prompts_per_item: int = Field(8, ge=1, description="prompts per work item (the resume granularity)")
+    pipelines: int = Field(1, ge=1, description="model replicas taking work items side by side")
+    gradsae: GradSAEOptions = Field(default_factory=GradSAEOptions)
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, v: list) -> list:
+        for k in v:
+            if isinstance(k, str) and not re.fullmatch(r"\d{1,2}%|100%", k):
+                raise ValueError(f"k {k!r}: give a count (10) or a percentage of the active latents ('50%')")
+            if isinstance(k, int) and k < 1:
+                raise ValueError(f"k {k}: must be at least 1")
+        return v
+
+
 class StoreSpec(_Strict):
     url: str = "./runs"
     endpoint_url: Optional[str] = None
@@ -192,6 +234,7 @@ class ResourcesSpec(_Strict):
     harvest: ActorResources = Field(default_factory=ActorResources, description="per shard actor")
     train: ActorResources = Field(default_factory=ActorResources, description="per training unit (hook point)")
     eval: ActorResources = Field(default_factory=ActorResources, description="per evaluation task")
+    sweeps: ActorResources = Field(default_factory=ActorResources, description="per sweep model replica")
 
 
 class AuditSpec(_Strict):
@@ -204,6 +247,7 @@ class AuditSpec(_Strict):
     harvest: HarvestSpec = Field(default_factory=HarvestSpec)
     sae: Optional[SAESpec] = None
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    sweeps: list[SweepSpec] = Field(default_factory=list, description="causal sweeps over SAE latents (docs/sweeps.md)")
     store: StoreSpec = Field(default_factory=StoreSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
@@ -221,6 +265,15 @@ class AuditSpec(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"model {dup[0]!r} is listed twice; give it once with all its revisions")
+        return v
+
+    @field_validator("sweeps")
+    @classmethod
+    def _sweep_names(cls, v: list[SweepSpec]) -> list[SweepSpec]:
+        names = [s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sweep name {dup[0]!r} is used twice; each sweep needs its own name")
         return v
 
     @property

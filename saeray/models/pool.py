@@ -21,6 +21,10 @@ short sequence of batches that enter the first actor and flow to the last, and i
   deadlock half-built; a pool waits (and says so) until the cluster can hold it.
 * **Teardown.** ``with ModelPool(...) as pool:`` kills the actors and frees the placement group
   when the block ends, whether the stage finished or failed.
+* **Direct jobs.** A job with ``direct = True`` (the sweeps) gets the whole model in one actor
+  (one stage spanning every layer) and ``run(payload)`` instead of one forward per batch: its work
+  is many dependent passes (backward, batched ablations, greedy decoding) that cannot be cut into
+  a feed-forward pipeline. It keeps everything else: placement, backpressure, retries, teardown.
 * **Gradients.** A job with ``grad = True`` runs its stage's forward with autograd on (the other
   stages of the pipeline under ``no_grad``); :func:`grad_ranges` keeps every layer a request
   needs, from its first hook point to the logits, in one stage so gradients never cross actors.
@@ -62,6 +66,7 @@ class Job(Protocol):
     def interventions(self, payload: dict) -> dict | None: ...
     def on_acts(self, payload: dict, acts: dict[str, torch.Tensor]) -> None: ...
     def on_output(self, payload: dict, output: torch.Tensor) -> Any: ...   # last stage only
+    # direct jobs (``direct = True``) implement ``run(payload) -> Any`` instead of the four above
     def finish(self, item: str) -> Any: ...
 
 
@@ -122,6 +127,8 @@ class PoolWorker:
         """One batch through this stage: hidden states for the next stage, or (last stage) what
         the job makes of the output."""
         self._check(item, attempt)
+        if getattr(self.job, "direct", False):
+            return self.job.run(payload)
         # arrays from the object store are read-only views: copy before torch owns them
         inputs = (torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x).to(self.device)
         capture = self.job.capture(payload)

@@ -11,6 +11,7 @@ import math
 
 from ..evaluate.concepts import F1_FOUND
 from .plots import tradeoff_png
+from .sweeps import render_html as render_sweeps
 
 COLUMNS = (("target", "target"), ("hookpoint", "hook point"), ("arch", "arch"), ("width", "width"), ("k", "k"), ("l1", "l1"),
            ("l0", "L0"), ("fvu", "FVU"), ("ce_loss_recovered", "CE recovered"), ("kl", "KL"),
@@ -67,8 +68,8 @@ def render(summary: dict, eval_details: dict[str, dict] | None = None) -> tuple[
                     [[t["model"], t["revision"], t.get("harvest_rows"), t.get("loss_clean")]
                      for t in summary.get("targets", [])], left=2),
              "<h2>Stage times (s)</h2>",
-             _table(["target", "harvest", "train", "evaluate"],
-                    [[tid, *(w.get(s) for s in ("harvest", "train", "evaluate"))]
+             _table(["target", "harvest", "train", "evaluate", "sweeps"],
+                    [[tid, *(w.get(s) for s in ("harvest", "train", "evaluate", "sweeps"))]
                      for tid, w in summary.get("stage_wall_s", {}).items() if isinstance(w, dict)]),
              "<h2>SAEs</h2>",
              _table([c[1] for c in cols], [[r.get(k) for k, _ in cols] for r in rows], left=left),
@@ -90,6 +91,8 @@ def render(summary: dict, eval_details: dict[str, dict] | None = None) -> tuple[
         table_rows = [[c] + [f"{col[c]['f1']:.2f} / {col[c]['auroc']:.2f}" if c in col else None for col in cols]
                       for c in names]
         parts.append(_table(header, table_rows))
+    for tid, sw in summary.get("sweeps", {}).items():
+        parts.append(render_sweeps(tid, sw))
     parts.append("<p class=muted>Files: summary.json (this table); targets/&lt;model&gt;@&lt;revision&gt;/eval.json "
                  "(per-concept detail).</p>")
     return "\n".join(parts), pngs

@@ -85,7 +85,7 @@ def run_audit(spec: AuditSpec, store_url: str | None = None, address: str | None
 
     rc = open_run(spec, store_url)
     t0 = time.perf_counter()
-    run_targets(rc, ["evaluate"], address)
+    run_targets(rc, ["evaluate", "sweeps"], address)
     t1 = time.perf_counter()
     rc.manifest.set_stage(None, "report", status="running")
     out = report_stage(rc)

@@ -14,6 +14,9 @@ A stage declares
 * ``run(ctx, inputs) -> result``: the work, resumable at its own granularity (harvest by work unit,
   training by hook point and checkpoint); ``result`` is a dataclass with ``to_dict``/``from_dict``,
   recorded in the manifest when the stage finishes.
+
+An *incremental* stage (the sweeps) keys its work items by their own settings: a change in its own
+part of the key (``sweeps...``) re-runs it, reusing every finished item, instead of being refused.
 """
 from __future__ import annotations
 
@@ -66,15 +69,17 @@ class Stage:
     check: Callable[[Any, list[Target]], None]
     run: Callable[[TargetContext, dict], Any]
     result: type
+    incremental: bool = False
 
 
 def registry() -> dict[str, Stage]:
     """Every per-target stage, in the order they run."""
     from ..evaluate.stage import STAGE as evaluate
     from ..harvest.stage import STAGE as harvest
+    from ..sweeps.stage import STAGE as sweeps
     from ..train.stage import STAGE as train
 
-    return {s.name: s for s in (harvest, train, evaluate)}
+    return {s.name: s for s in (harvest, train, evaluate, sweeps)}
 
 
 def select(names: list[str]) -> list[Stage]:
@@ -106,13 +111,17 @@ def run_stage(ctx: TargetContext, stage: Stage, inputs: dict[str, Any]) -> Any:
     """Run (or reuse) one stage for one target."""
     rec = ctx.section(stage.name)
     key = stage.key(ctx.written, ctx.target)
-    if rec.get("key") is not None:
-        changed = _changed(rec["key"], key)
-        if changed:
-            verb = "finished" if rec.get("status") == "done" else "started"
-            raise InputError(f"run {ctx.run.url}: target {ctx.target} {verb} stage '{stage.name}' with other "
-                             f"settings ({', '.join(changed)} changed); use a new run name (the spec's 'name') or "
-                             "delete the run folder to start over")
+    changed = _changed(rec["key"], key) if rec.get("key") is not None else []
+    if stage.incremental:
+        own = [c for c in changed if c.split(".")[0] == stage.name]
+        changed = [c for c in changed if c not in own]
+        if own and rec.get("status") == "done":
+            rec = {**rec, "status": "changed"}
+    if changed:
+        verb = "finished" if rec.get("status") == "done" else "started"
+        raise InputError(f"run {ctx.run.url}: target {ctx.target} {verb} stage '{stage.name}' with other "
+                         f"settings ({', '.join(changed)} changed); use a new run name (the spec's 'name') or "
+                         "delete the run folder to start over")
     if rec.get("status") == "done":
         log.info(f"{ctx.target}: stage {stage.name} already done, skipped")
         return stage.result.from_dict(rec["result"])
