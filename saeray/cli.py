@@ -386,6 +386,30 @@ def bench_train(
         print_json(res)
 
 
+@bench_app.command("gradsae")
+def bench_gradsae(
+    spec: str = typer.Option("jobs/storyworld.yaml", "--spec", help="the audit whose TopK SAEs are scored (trained "
+                             "first if its run lacks them)"),
+    hookpoints: Optional[str] = typer.Option(None, "--hookpoints", help="comma list (default: every hook point)"),
+    prompts: int = typer.Option(32, "--prompts", min=1, help="candidate fact prompts (kept when answered right)"),
+    min_len: int = typer.Option(96, "--min-len", min=1, help="words before the answer, at least (full-length prompts)"),
+    exact_batch: int = typer.Option(32, "--exact-batch", min=1, help="latents ablated per forward"),
+    ig_steps: int = typer.Option(10, "--ig-steps", min=1),
+    threads: int = typer.Option(2, "--threads", min=1),
+    json_out: bool = typer.Option(False, "--json", help="print the figures as one JSON line last"),
+) -> None:
+    """Latents scored per second by GradSAE, integrated gradients and exact ablation, the speed-ups,
+    and their agreement (Spearman, Pearson, top-k overlap) on storyworld-4l's TopK SAEs."""
+    from .bench.gradsae import render, run_bench
+
+    hps = [h.strip() for h in hookpoints.split(",") if h.strip()] if hookpoints else None
+    res = run_bench(spec, hps, n_prompts=prompts, min_len=min_len, exact_batch=exact_batch, ig_steps=ig_steps,
+                    threads=threads, address=state.address)
+    typer.echo(render(res))
+    if json_out:
+        print_json(res)
+
+
 @bench_app.command("saelens")
 def bench_saelens(
     out: str = typer.Option("./runs/bench-saelens", "--out", help="folder for result.json and one SAE folder per SAE"),
