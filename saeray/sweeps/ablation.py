@@ -25,21 +25,21 @@ def exact_effects(model, sae, hookpoint: str, clean: Clean, latents: Tensor, ans
     """(y unedited, effect per latent [len(latents)]), ``batch`` ablated latents per forward."""
     base = _base(sae, clean, error_term)
     W = sae.W_dec.float() / sae.input_scale
-    y0 = output_of(last_logits(model, hookpoint, clean.ids[None], clean.keep, base[None]), answer, output)[0]
+    y0 = output_of(last_logits(model, hookpoint, clean.ids[None], clean.keep, base[None], clean.hidden), answer, output)[0]
     effects = []
     for a in range(0, len(latents), batch):
         idx = latents[a:a + batch]
         rows = base[None] - clean.f[:, idx].t()[:, :, None] * W[idx][:, None, :]     # [B, K, d]
         ids = clean.ids[None].expand(len(idx), -1)
-        effects.append(y0 - output_of(last_logits(model, hookpoint, ids, clean.keep, rows), answer, output))
+        effects.append(y0 - output_of(last_logits(model, hookpoint, ids, clean.keep, rows, clean.hidden), answer, output))
     return float(y0), torch.cat(effects) if effects else torch.zeros(0)
 
 
 @torch.no_grad()
 def effect_one(model, sae, hookpoint: str, clean: Clean, latent: int, answer: int, output: str = "prob",
                error_term: bool = False) -> float:
-    """One latent zeroed in the code and the activation decoded again: the slow reference the
-    batched form must equal."""
+    """One latent zeroed in the code and the activation decoded again, each pass through the whole
+    model: the slow reference the batched form must equal."""
     f = clean.f.clone()
     f[:, latent] = 0
     edited = decode(sae, f) + (clean.err if error_term else 0.0)

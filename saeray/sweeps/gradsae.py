@@ -50,7 +50,7 @@ def _grad(model, sae, hookpoint: str, clean: Clean, F: Tensor, answer: int, opt:
     with torch.enable_grad():
         new = decode(sae, F) + (clean.err if opt.error_term else 0.0)
         ids = clean.ids[None].expand(F.shape[0], -1)
-        y = output_of(last_logits(model, hookpoint, ids, clean.keep, new), answer, opt.output)
+        y = output_of(last_logits(model, hookpoint, ids, clean.keep, new, clean.hidden), answer, opt.output)
         (g,) = torch.autograd.grad(y.sum(), F)
     return y.detach(), g
 

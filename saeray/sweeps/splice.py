@@ -6,6 +6,12 @@ trained on (``keep``: no BOS, no ``corpus.skip_first`` attention sinks), the oth
 activations. With ``error_term`` the SAE's error ``x − x̂`` is added back, so an unedited splice
 is the unmodified model; without it (GradSAE's choice) the reconstruction alone goes on.
 
+On the residual stream (``resid_post.L``, ``resid_pre.L``) an edited pass starts at the hook point
+from the clean pass's hidden state: the layers before it see the same tokens in every row, so
+their output is the clean one and is not recomputed (exact, and most of the work for an early
+layer's ablations; tests compare it with the full forward). Other hook points run the whole model
+with the edit as an intervention.
+
 Only the last position's logits are computed: every output here (the answer's first token at the
 answer step, the next greedy token) is read there, and the unembedding of every position would be
 most of the work on a large vocabulary.
@@ -32,11 +38,17 @@ class Clean:
     f: Tensor            # [K, width] latents
     err: Tensor          # [K, d] act − decode(f)
     logits: Tensor       # [V] unmodified model, last position
+    hidden: Tensor       # [T, d] the hook point's activation at every position (model dtype)
+
+
+def _f(x: Tensor) -> Tensor:
+    """At least float32 (half-precision models are scored in float32; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def encode(sae, x: Tensor) -> Tensor:
     """Latents of ``x`` [..., d] (any leading shape)."""
-    return sae.encode(x.reshape(-1, x.shape[-1]).float()).reshape(*x.shape[:-1], -1)
+    return sae.encode(_f(x).reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
 def decode(sae, f: Tensor) -> Tensor:
@@ -49,23 +61,58 @@ def clean_pass(model, sae, hookpoint: str, ids: list[int], keep: list[bool]) -> 
     ids_t = torch.tensor(ids, device=dev)
     keep_t = torch.tensor(keep, device=dev, dtype=torch.bool)
     out = model(ids_t[None], capture=[hookpoint], logits=False)
-    act = out.acts[hookpoint][0, keep_t].float()
+    hidden = out.acts[hookpoint][0]
+    act = _f(hidden[keep_t])
     f = encode(sae, act)
-    logits = model.unembed(model.final_norm(out.output[:, -1]))[0].float()
-    return Clean(ids_t, keep_t, act, f, act - decode(sae, f), logits)
+    logits = _f(model.unembed(model.final_norm(out.output[:, -1]))[0])
+    return Clean(ids_t, keep_t, act, f, act - decode(sae, f), logits, hidden)
 
 
-def last_logits(model, hookpoint: str, ids: Tensor, keep: Tensor, new_kept: Tensor | Callable) -> Tensor:
+def resume_layer(hookpoint: str) -> int | None:
+    """The first block that reads the hook point's activation, when it is the residual stream."""
+    from ..models.hookpoints import parse
+
+    hp = parse(hookpoint)
+    return {"resid_post": hp.layer + 1, "resid_pre": hp.layer}.get(hp.kind)
+
+
+_TAILS: dict = {}
+
+
+def _tail(model, start: int):
+    """Blocks [start, n) + final norm + unembedding of a whole-model stage, sharing its modules."""
+    from ..models.shard import Stage
+
+    key = (id(model), start)
+    if key not in _TAILS:
+        _TAILS.clear()   # one model per worker: never hold modules of a model that is gone
+        _TAILS[key] = Stage(model.config, model.family, (start, model.stop), [model.blocks[i] for i in range(start, model.stop)],
+                            rotary=model.rotary, final_norm=model.final_norm, unembed=model.unembed)
+    return _TAILS[key]
+
+
+def last_logits(model, hookpoint: str, ids: Tensor, keep: Tensor, new_kept: Tensor | Callable,
+                hidden: Tensor | None = None) -> Tensor:
     """Logits [R, V] at the last position of ``ids`` [R, T] with the hook point's kept positions
-    replaced by ``new_kept`` [R, K, d] (or by ``new_kept(act_kept)`` when it is a function)."""
+    replaced by ``new_kept`` [R, K, d] (or by ``new_kept(act_kept)`` when it is a function).
+    ``hidden``: the clean activation [T, d] at the hook point; with it, a residual-stream hook
+    point resumes there instead of re-running the layers before it."""
+    start = resume_layer(hookpoint) if hidden is not None and not callable(new_kept) else None
+    if start is not None:
+        h = hidden[None].expand(ids.shape[0], -1, -1).clone()
+        h[:, keep] = new_kept.to(h.dtype)
+        if start < model.stop:
+            h = _tail(model, start)(h, logits=False, detach=False).output
+        return _f(model.unembed(model.final_norm(h[:, -1])))
+
     def put(act: Tensor) -> Tensor:
-        new = new_kept(act[:, keep].float()) if callable(new_kept) else new_kept
+        new = new_kept(_f(act[:, keep])) if callable(new_kept) else new_kept
         out = act.clone()
         out[:, keep] = new.to(act.dtype)
         return out
 
     out = model(ids, interventions={hookpoint: put}, logits=False, detach=False)
-    return model.unembed(model.final_norm(out.output[:, -1])).float()
+    return _f(model.unembed(model.final_norm(out.output[:, -1])))
 
 
 def output_of(logits: Tensor, answer: int, kind: str = "prob") -> Tensor:
