@@ -6,12 +6,11 @@ from __future__ import annotations
 import html
 import math
 
-AGREE_COLS = (("prompt_set", "prompts"), ("correct", "kept"), ("n_active", "active latents"),
-              ("gradsae_spearman", "GradSAE ρ"), ("gradsae_pearson", "GradSAE r"),
-              ("gradsae_topk_overlap", "GradSAE top-k"), ("signed_spearman", "signed ρ"),
-              ("ig_spearman", "IG ρ"), ("ig_topk_overlap", "IG top-k"), ("activation_spearman", "activation ρ"),
-              ("gradsae_latents_per_s", "GradSAE latents/s"), ("exact_latents_per_s", "exact latents/s"),
-              ("speedup", "speed-up"))
+AGREE_COLS = (("kept", "prompts kept"), ("n_active", "active latents"),
+              ("gradsae_spearman", "GradSAE ρ"), ("gradsae_topk_overlap", "GradSAE top-k"),
+              ("signed_spearman", "signed ρ"), ("ig_spearman", "IG ρ"), ("ig_topk_overlap", "IG top-k"),
+              ("activation_spearman", "activation ρ"), ("exact_latents_per_s", "exact latents/s"),
+              ("speedup", "GradSAE speed-up"))
 
 
 def _fmt(v) -> str:
@@ -28,31 +27,37 @@ def agreement_rows(res: dict) -> list[dict]:
         r = dict(r)
         g, e = r.get("gradsae_latents_per_s"), r.get("exact_latents_per_s")
         r["speedup"] = g / e if g and e and not math.isnan(g) and not math.isnan(e) else None
+        r["kept"] = f"{r['correct']}/{r['prompts']}"
         out.append(r)
     return out
 
 
 def pivot(rows: list[dict], settings: tuple[str, ...] = ("top", "bottom")) -> dict[tuple, tuple[list[str], list[list]]]:
-    """Per (hook point, SAE, prompt set): (K labels, rows [side, method, "EM / F1" per K])."""
+    """Per (SAE, prompt set): (K labels, rows [hook point, side, method, "EM / F1" per K]), each hook
+    point's block closed by the unedited splice (``method: none``) when there is one."""
     blocks: dict[tuple, dict] = {}
     for r in rows:
-        b = blocks.setdefault((r["hookpoint"], r["sae"], r["prompt_set"]), {"ks": [], "cells": {}, "ref": None})
+        b = blocks.setdefault((r["sae"], r["prompt_set"]), {"ks": [], "hps": [], "cells": {}, "ref": {}})
+        if r["hookpoint"] not in b["hps"]:
+            b["hps"].append(r["hookpoint"])
         if r["method"] == "none":
-            b["ref"] = r
+            b["ref"][r["hookpoint"]] = r
             continue
         if r["k"] not in b["ks"]:
             b["ks"].append(r["k"])
-        b["cells"][(r["side"], r["method"], r["k"])] = r
+        b["cells"][(r["hookpoint"], r["side"], r["method"], r["k"])] = r
     out = {}
     for key, b in blocks.items():
         table = []
-        for side in settings:
-            for m in ("activation", "gradsae"):
-                cells = [b["cells"].get((side, m, k)) for k in b["ks"]]
-                if any(cells):
-                    table.append([side, m] + [f"{c['em']:.1f} / {c['f1']:.1f}" if c else None for c in cells])
-        if b["ref"] is not None:
-            table.append(["none (SAE spliced)", "–"] + [f"{b['ref']['em']:.1f} / {b['ref']['f1']:.1f}"] * len(b["ks"]))
+        for hp in b["hps"]:
+            for side in settings:
+                for m in ("activation", "gradsae"):
+                    cells = [b["cells"].get((hp, side, m, k)) for k in b["ks"]]
+                    if any(cells):
+                        table.append([hp, side, m] + [f"{c['em']:.1f} / {c['f1']:.1f}" if c else None for c in cells])
+            ref = b["ref"].get(hp)
+            if ref is not None:
+                table.append([hp, "nothing masked", "–"] + [f"{ref['em']:.1f} / {ref['f1']:.1f}"] * len(b["ks"]))
         out[key] = (b["ks"], table)
     return out
 
@@ -70,21 +75,29 @@ def render_html(target: str, sweeps: dict) -> str:
         parts.append(f"<h2>Sweep {html.escape(name)} in {html.escape(target)}</h2>")
         ag = agreement_rows(res)
         if ag:
-            parts.append("<h3>Agreement with exact ablation (per prompt over active latents; median ρ and r, mean top-k overlap)</h3>")
-            parts.append(_table(["hook point", "SAE"] + [c[1] for c in AGREE_COLS],
-                                [[r["hookpoint"], r["sae"]] + [r.get(c) for c, _ in AGREE_COLS] for r in ag], left=3))
-        for table, title in (("masking", "Masking: EM / F1 % after zeroing the chosen latents at every position "
-                                         "(lower after top-K = more influential)"),
-                             ("steering", "Steering (released code: last position, partner's scores clamped to [0, 50]): "
-                                          "EM / F1 % against the partner's answer")):
-            for (hp, sae, ps), (ks, rows) in pivot(res.get(table, [])).items():
-                parts.append(f"<h3>{html.escape(title)} — {html.escape(hp)}, {html.escape(sae)}, {html.escape(ps)}</h3>")
-                parts.append(_table(["setting", "method"] + [f"K={k}" for k in ks], rows, left=2))
+            # an SAE or prompt set shared by every row goes in the heading, not in a column
+            lead = [(k, h) for k, h in (("hookpoint", "hook point"), ("sae", "SAE"), ("prompt_set", "prompt set"))
+                    if k == "hookpoint" or len({r[k] for r in ag}) > 1]
+            shared = " on ".join(html.escape(str(ag[0][k])) for k in ("sae", "prompt_set") if k not in dict(lead))
+            parts.append(f"<h3>Agreement with exact ablation{': ' + shared if shared else ''}</h3><p class=muted>Per "
+                         "prompt over its active latents, then the median over prompts (ρ) or the mean (top-k overlap).</p>")
+            parts.append(_table([h for _, h in lead] + [c[1] for c in AGREE_COLS],
+                                [[r[k] for k, _ in lead] + [r.get(c) for c, _ in AGREE_COLS] for r in ag], left=len(lead)))
+        for table, title, note in (
+                ("masking", "Masking", "EM / F1 % after zeroing the chosen latents at every position while decoding: "
+                 "lower after masking the top-K means the score found influential latents; bottom-K should stay near 100."),
+                ("steering", "Steering", "As the released code does it: at the last position, the prompt's chosen "
+                 "latents zeroed and the partner prompt's top-K written with its scores clamped to [0, 50]; EM / F1 % "
+                 "against the partner's answer.")):
+            for (sae, ps), (ks, rows) in pivot(res.get(table, [])).items():
+                parts.append(f"<h3>{title}: {html.escape(sae)} on {html.escape(ps)}</h3><p class=muted>{html.escape(note)}</p>")
+                parts.append(_table(["hook point", "setting", "method"] + [f"K={k}" for k in ks], rows, left=3))
     if parts:
-        parts.append("<p class=muted>ρ: Spearman, r: Pearson, between a score and the exact effect of zeroing each active "
-                     "latent at every position (y unedited − y ablated). GradSAE: mean over positions of relu(∂y/∂f·f); "
-                     "signed: Σ ∂y/∂f·f; IG: integrated gradients; activation: mean activation. Per-prompt rows: "
-                     "targets/&lt;target&gt;/sweeps/&lt;sweep&gt;/ (Parquet).</p>")
+        parts.append("<p class=muted>ρ: Spearman between a score and the exact effect of zeroing each active latent at "
+                     "every position (y unedited − y ablated); y is the sweep's output (default: the answer's probability). GradSAE: mean over positions "
+                     "of relu(∂y/∂f·f); signed: Σ ∂y/∂f·f; IG: integrated gradients; activation: mean activation. "
+                     "Speed-up: exact ablation's time over GradSAE's for the same latents. Pearson r and per-prompt rows: "
+                     "summary.json and targets/&lt;target&gt;/sweeps/&lt;sweep&gt;/ (Parquet; docs/store.md).</p>")
     return "\n".join(parts)
 
 
@@ -98,8 +111,8 @@ def render_text(target: str, sweeps: dict) -> str:
                          f"top-k {_fmt(r['gradsae_topk_overlap'])}; signed ρ {_fmt(r['signed_spearman'])}; "
                          f"IG ρ {_fmt(r['ig_spearman'])}; speed-up {_fmt(r['speedup'])}")
         for table in ("masking", "steering"):
-            for (hp, sae, ps), (ks, rows) in pivot(res.get(table, [])).items():
-                lines.append(f"  {table} {hp} {sae} {ps} (EM / F1 %): " + " | ".join(f"K={k}" for k in ks))
+            for (sae, ps), (ks, rows) in pivot(res.get(table, [])).items():
+                lines.append(f"  {table} {sae} {ps} (EM / F1 %): " + " | ".join(f"K={k}" for k in ks))
                 for row in rows:
-                    lines.append(f"    {row[0]:>18} {row[1]:>10}  " + " | ".join(_fmt(c) for c in row[2:]))
+                    lines.append(f"    {row[0]:>14} {row[1]:>14} {row[2]:>10}  " + " | ".join(_fmt(c) for c in row[3:]))
     return "\n".join(lines)

@@ -74,13 +74,14 @@ def run_prompt(model, sae, hookpoint: str, p: dict, partner: dict | None, experi
         res["agreement"] = {k: agreement(lat[k], lat["exact"], topk) for k in SCORES if k in lat}
     if "masking" in experiments:
         labels, edits = masking_rows(sc, ks, n_last)
-        toks = decode_greedy(model, sae, hookpoint, p["ids"], p["keep"], edits, len(p["answer_ids"]))
+        toks = decode_greedy(model, sae, hookpoint, p["ids"], p["keep"], edits, len(p["answer_ids"]), opt.error_term)
         res["masking"] = [{**lab, "tokens": t} for lab, t in zip(labels, toks.tolist())]
     if "steering" in experiments and partner is not None:
         pc = clean_pass(model, sae, hookpoint, partner["ids"], partner["keep"])
         psc = scores(model, sae, hookpoint, pc, partner["answer_ids"][0], replace(opt, ig_steps=0))
         labels, edits = steering_rows(sc, psc, ks, n_last)
-        toks = decode_greedy(model, sae, hookpoint, p["ids"], p["keep"], edits, len(partner["answer_ids"]))
+        toks = decode_greedy(model, sae, hookpoint, p["ids"], p["keep"], edits, len(partner["answer_ids"]),
+                             opt.error_term)
         res["steering"] = [{**lab, "tokens": t} for lab, t in zip(labels, toks.tolist())]
     return res
 

@@ -2,7 +2,9 @@
 bottom-K latents by a score, edit them during greedy decoding, and read the answer.
 
 * **Masking**: the chosen latents are zeroed at every position (generated ones included) with the
-  SAE spliced in, error term dropped, as the paper's code does; the answer is decoded greedily.
+  SAE spliced in (error term dropped by default, as the paper's code does; ``gradsae.error_term``
+  keeps it, for an SAE whose reconstruction alone already loses the answer); the answer is
+  decoded greedily.
   Lower exact match after masking the top-K means the score found influential latents; masking the
   bottom-K should leave it near 100 %.
 * **Steering**, as the *released code* does it (not as the paper's text describes): at the last
