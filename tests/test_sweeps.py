@@ -166,8 +166,8 @@ def test_jsonl_prompt_sets_are_checked(tmp_path):
     ps = build_set(str(good), build_tokenizer(), CorpusSpec(), 10)
     assert ps.name == "mine" and [p.id for p in ps.prompts] == ["p000001", "b"]
     assert ps.prompts[0].answer_ids and ps.prompts[0].partner == "b"
-    for text, msg in (('{"prompt": "x"}', "line 1: needs string fields 'prompt' and 'answer'"),
-                      ("not json", "line 1: not JSON"),
+    for text, msg in (('{"prompt": "x"}', ":1: needs string fields 'prompt' and 'answer'"),
+                      ("not json", r"bad.jsonl:1: not valid JSON"),
                       ('{"prompt": "x", "answer": " "}', "must not be empty")):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(text + "\n")

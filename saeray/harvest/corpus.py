@@ -251,6 +251,20 @@ def _list_text_files(source: str) -> list[str]:
     return [f if proto in ("file", "local") else f"{proto}://{f}" for f in files]
 
 
+def iter_jsonl(url: str):
+    """(line number, object) of every non-blank line of a JSON-lines file (local or s3://); a line
+    that is not JSON is an InputError naming the file and line."""
+    import fsspec
+
+    with fsspec.open(url, "r", encoding="utf-8") as fh:
+        for ln, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield ln, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{url}:{ln}: not valid JSON ({e.msg})") from None
+
 def _iter_texts(files: list[str], field: str) -> Iterator[str]:
     import fsspec
 
@@ -267,18 +281,11 @@ def _iter_texts(files: list[str], field: str) -> Iterator[str]:
                         if t:
                             yield t
         elif f.endswith(".jsonl"):
-            with fsspec.open(f, "r") as fh:
-                for ln, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise InputError(f"{f}:{ln}: not valid JSON ({e.msg})") from None
-                    if field not in obj:
-                        raise InputError(f"{f}:{ln}: no field '{field}'; set corpus.text_field")
-                    if obj[field]:
-                        yield obj[field]
+            for ln, obj in iter_jsonl(f):
+                if not isinstance(obj, dict) or field not in obj:
+                    raise InputError(f"{f}:{ln}: no field '{field}'; set corpus.text_field")
+                if obj[field]:
+                    yield obj[field]
         else:
             with fsspec.open(f, "r") as fh:
                 para: list[str] = []

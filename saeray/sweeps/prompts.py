@@ -19,7 +19,6 @@ Every sweep keeps only the prompts the unmodified model answers correctly by gre
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 
@@ -109,31 +108,23 @@ def storyworld_facts(n: int, corpus_spec, tok, min_len: int = 16) -> list[tuple[
 
 
 def read_jsonl(url: str) -> list[tuple[str, str, str]]:
-    import fsspec
+    from ..harvest.corpus import iter_jsonl
 
+    out, seen = [], set()
     try:
-        with fsspec.open(url, "rt", encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        for n, rec in iter_jsonl(url):
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
+                raise InputError(f"prompt set {url}:{n}: needs string fields 'prompt' and 'answer'")
+            if not rec["prompt"].strip() or not rec["answer"].strip():
+                raise InputError(f"prompt set {url}:{n}: 'prompt' and 'answer' must not be empty")
+            pid = str(rec.get("id", f"p{n:06d}"))
+            if pid in seen:
+                raise InputError(f"prompt set {url}:{n}: id {pid!r} is used twice")
+            seen.add(pid)
+            out.append((pid, rec["prompt"], rec["answer"]))
     except FileNotFoundError:
         raise InputError(f"prompt set {url}: no such file; give a .jsonl with one "
                          '{"prompt": ..., "answer": ...} per line') from None
-    out, seen = [], set()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"prompt set {url}, line {n}: not JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
-            raise InputError(f"prompt set {url}, line {n}: needs string fields 'prompt' and 'answer'")
-        if not rec["prompt"].strip() or not rec["answer"].strip():
-            raise InputError(f"prompt set {url}, line {n}: 'prompt' and 'answer' must not be empty")
-        pid = str(rec.get("id", f"p{n:06d}"))
-        if pid in seen:
-            raise InputError(f"prompt set {url}, line {n}: id {pid!r} is used twice")
-        seen.add(pid)
-        out.append((pid, rec["prompt"], rec["answer"]))
     if not out:
         raise InputError(f"prompt set {url}: no prompts in the file")
     return out
