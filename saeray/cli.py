@@ -76,7 +76,7 @@ def audit(
     spec: str = typer.Argument(..., help="audit spec YAML (local path or s3://...)"),
     json_out: bool = typer.Option(False, "--json", help="print the run summary as one JSON line last"),
 ) -> None:
-    """Run the whole audit for every target (model x revision): harvest -> train SAEs -> evaluate ->
+    """Run the whole audit for every target (model x revision): harvest -> train SAEs -> evaluate -> sweeps ->
     report. Re-running resumes."""
     from .run.audit import run_audit
     from .spec import load_spec

@@ -8,6 +8,7 @@ a sweep to a finished audit runs just that sweep; changing a finished sweep's se
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import time
 from dataclasses import dataclass, field
@@ -62,11 +63,14 @@ def _hookpoints(spec, sw, target, where: str) -> list[str]:
     have = plan(spec, target).hookpoints
     if sw.hookpoints is None:
         return have
-    bad = [h for h in sw.hookpoints if h not in have]
-    if bad:
-        raise InputError(f"{where}.hookpoints: {bad[0]!r} is not one of the audit's hook points "
-                         f"({', '.join(have)}); sweeps run on the SAEs the audit trains")
-    return list(sw.hookpoints)
+    out: list[str] = []
+    for want in sw.hookpoints:   # names or globs (resid_post.*) over the audit's hook points
+        hit = [h for h in have if fnmatch.fnmatchcase(h, want)]
+        if not hit:
+            raise InputError(f"{where}.hookpoints: {want!r} is not one of the audit's hook points "
+                             f"({', '.join(have)}); sweeps run on the SAEs the audit trains")
+        out += [h for h in hit if h not in out]
+    return out
 
 
 def check(spec, targets) -> None:
