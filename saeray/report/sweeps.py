@@ -13,6 +13,9 @@ AGREE_COLS = (("kept", "prompts kept"), ("n_active", "active latents"),
               ("speedup", "GradSAE speed-up"))
 
 
+OUTPUT_WORDS = {"prob": "probability", "logprob": "log-probability", "logit_diff": "logit minus the largest other logit"}
+
+
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -73,6 +76,10 @@ def render_html(target: str, sweeps: dict) -> str:
     parts = []
     for name, res in sweeps.items():
         parts.append(f"<h2>Sweep {html.escape(name)} in {html.escape(target)}</h2>")
+        if "error_term" in res:
+            parts.append(f"<p>SAE spliced with its error term {'kept' if res['error_term'] else 'dropped (as the paper)'}; "
+                         f"scores and effects on the answer's {html.escape(OUTPUT_WORDS.get(res['output'], res['output']))}"
+                         f" at the answer step; positions aggregated by {html.escape(res['aggregate'])}.</p>")
         ag = agreement_rows(res)
         if ag:
             # an SAE or prompt set shared by every row goes in the heading, not in a column

@@ -156,7 +156,8 @@ def run_sweep(ctx: TargetContext, sw, trained, index: int) -> dict:
                           for it in todo], on_item)
     records.consolidate()
     out = grid.summarize(store, sw.name)
-    out.update(items=len(items), wall_s=round(time.perf_counter() - t0, 2))
+    out.update(items=len(items), wall_s=round(time.perf_counter() - t0, 2), error_term=sw.gradsae.error_term,
+               output=sw.gradsae.output, aggregate=sw.gradsae.aggregate)
     store.write_json(f"sweeps/{sw.name}/summary.json", out)
     return out
 
