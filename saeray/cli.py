@@ -57,6 +57,13 @@ def print_json(obj: dict) -> None:
     sys.stdout.flush()
 
 
+def show_bench(table: str, res: dict, json_out: bool) -> None:
+    """A benchmark's table for people, then (``--json``) its figures as the last line."""
+    typer.echo(table)
+    if json_out:
+        print_json(res)
+
+
 # ---- foundation: validate, audit -------------------------------------------------------------
 
 
@@ -265,9 +272,7 @@ def bench_harvest(
     cfg = HarvestBenchConfig(models=kinds, docs=docs, gpt2_docs=gpt2_docs, batch_size=batch_size, gpt2_batch_size=gpt2_batch_size,
                              context_len=context_len, threads=threads, s3=s3, memory_docs=memory_docs, workdir=workdir)
     res = run_bench(cfg, state.address)
-    typer.echo(render(res))
-    if json_out:
-        print_json(res)
+    show_bench(render(res), res, json_out)
 
 
 @bench_app.command("store")
@@ -290,9 +295,7 @@ def bench_store(
         raise InputError(f"--units: {units!r}: give one or more counts >= 1 (e.g. 300,3000)")
     cfg = StoreBenchConfig(units=ns, hookpoints=hookpoints, s3=s3, s3_files=parse_s3_files(s3_files), workdir=workdir)
     res = run_bench(cfg)
-    typer.echo(render(res))
-    if json_out:
-        print_json(res)
+    show_bench(render(res), res, json_out)
 
 # ---- SAE training: train, bench recovery, bench train ----------------------------------------
 
@@ -348,14 +351,12 @@ def bench_recovery(
         res = run_family(out or "./runs/bench/recovery-family", tokens=tokens or 3_000_000, seeds=seeds,
                          only=[x.strip() for x in settings.split(",") if x.strip()] if settings else None,
                          address=state.address)
-        typer.echo(fmt_family(res))
+        show_bench(fmt_family(res), res, json_out)
     else:
         from .bench.recovery import format_table, run_recovery
 
         res = run_recovery(out or "./runs/bench/recovery", tokens=tokens or 1_200_000, seeds=seeds)
-        typer.echo(format_table(res))
-    if json_out:
-        print_json(res)
+        show_bench(format_table(res), res, json_out)
 
 
 @bench_app.command("train")
@@ -381,9 +382,7 @@ def bench_train(
     if any(w < k for w in widths):
         raise InputError(f"every --width must be >= k={k}")
     res = run_train_speed(seconds=seconds, rounds=rounds, arch=arch, d=d_in, widths=widths, k=k, cpu_batch=batch_size)
-    typer.echo(format_table(res))
-    if json_out:
-        print_json(res)
+    show_bench(format_table(res), res, json_out)
 
 
 @bench_app.command("gradsae")
@@ -405,9 +404,7 @@ def bench_gradsae(
     hps = [h.strip() for h in hookpoints.split(",") if h.strip()] if hookpoints else None
     res = run_bench(spec, hps, n_prompts=prompts, min_len=min_len, exact_batch=exact_batch, ig_steps=ig_steps,
                     threads=threads, address=state.address)
-    typer.echo(render(res))
-    if json_out:
-        print_json(res)
+    show_bench(render(res), res, json_out)
 
 
 @bench_app.command("saelens")
