@@ -51,7 +51,11 @@ PY
     pid=$(cat "$pidfile")
     kill -TERM "$pid"
     for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+    if kill -0 "$pid" 2>/dev/null; then
+      # still draining after 30 s (a loaded machine): kill it, and return only once it is gone
+      kill -KILL "$pid" 2>/dev/null || true
+      for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    fi
     rm -f "$pidfile"
     [ -f "$dir/tempdir" ] && rm -rf "$(cat "$dir/tempdir")" "$dir/tempdir"
     echo "head stopped" ;;
