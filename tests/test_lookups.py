@@ -1,0 +1,141 @@
+"""Building blocks of the context look-up sweep (issue 15), checked against direct computations:
+congruence of next-token neurons, upstream head scores, the prompt-trimming rule, the KS test
+against exhaustive enumeration and balanced accuracy with unparseable answers."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from saeray.models.random_init import random_model
+from saeray.models.shard import split
+from saeray.sweeps.heads import active, head_scores, input_direction, pairs
+from saeray.sweeps.neurons import congruence, is_whole_word, next_token_neurons, random_neurons
+from saeray.sweeps.stats import _p_asymptotic, _p_exact, balanced_accuracy, ks_2samp, ks_statistic
+from saeray.sweeps.trim import trim
+
+
+def _model(family: str):
+    m = random_model(family, n_layers=3, d_model=32, n_heads=4, vocab_size=64, seed=4)
+    with torch.no_grad():     # norms with non-trivial scales, so folding them in is tested
+        for name, p in m.named_parameters():
+            if "norm" in name and name.endswith("weight") or "ln" in name and name.endswith("weight"):
+                p.copy_(torch.rand_like(p) + 0.5)
+    return m
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt2", "llama"])
+def test_congruence_equals_a_direct_computation(family):
+    m = _model(family)
+    sd = dict(m.named_parameters())
+    if family == "gpt_neox":
+        W_out, gamma, W_U = sd["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"].T, sd["gpt_neox.final_layer_norm.weight"], m.get_output_embeddings().weight.T
+    elif family == "gpt2":
+        W_out, gamma, W_U = sd["transformer.h.1.mlp.c_proj.weight"], sd["transformer.ln_f.weight"], m.lm_head.weight.T
+    else:
+        W_out, gamma, W_U = sd["model.layers.1.mlp.down_proj.weight"].T, sd["model.norm.weight"], m.lm_head.weight.T
+    if family != "llama":
+        W_out = W_out - W_out.mean(1, keepdim=True)
+    U = gamma[:, None] * W_U
+    U = U - U.mean(1, keepdim=True)
+    torch.testing.assert_close(congruence(m, 1), (W_out @ U).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_next_token_neurons_rank_and_filter():
+    m = _model("gpt_neox")
+    c = congruence(m, 2)
+    words = {t: (f" w{chr(97 + t % 26)}{chr(97 + t // 26)}" if t % 3 else f"{t}") for t in range(64)}  # every third: no word
+    got = next_token_neurons(m, [2], lambda t: words[t], n_per_layer=5)
+    assert len(got) == 5 and all(n.layer == 2 and is_whole_word(n.token) for n in got)
+    assert [n.congruence for n in got] == sorted([n.congruence for n in got], reverse=True)
+    best = c.max(1).values
+    for n in got:
+        assert n.token_id == int(c[n.index].argmax()) and n.congruence == pytest.approx(float(best[n.index]))
+    # nothing with a word token ranks above a kept neuron and was skipped
+    order = torch.argsort(best, descending=True).tolist()
+    first_words = [i for i in order if int(c[i].argmax()) % 3][:5]
+    assert [n.index for n in got] == first_words
+    assert len(random_neurons(m, [1, 2], lambda t: words[t], n_per_layer=4, seed=1)) == 8
+    assert is_whole_word("quito", word_level=True) and not is_whole_word("is", word_level=True)
+    assert not is_whole_word(" a") and not is_whole_word("Paris") and is_whole_word(" Paris")
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_head_scores_add_up_to_the_attention_output(family):
+    m = _model(family)
+    (stage,) = split(m, [])
+    ids = [1, 5, 9, 3, 17, 22, 8]
+    L, i = 2, 7
+    s = head_scores(stage, ids, L, i)
+    assert s.shape == (2, 4)
+    w = input_direction(stage, L, i)
+    out = stage(torch.tensor([ids]), capture=["attn_out.0", "attn_out.1"], logits=False)
+    from saeray.models.arch import view
+
+    arch = view(stage)
+    for l in range(L):
+        b = arch.b_O(l)
+        direct = out.acts[f"attn_out.{l}"][0, -1].float() @ w - (float(b.float() @ w) if b is not None else 0.0)
+        assert float(s[l].sum()) == pytest.approx(float(direct), rel=1e-4, abs=1e-5)
+    # the direction: the gate column for a gated MLP, the input column otherwise, norm scale folded in
+    col = arch.W_gate(L)[:, i] if family == "llama" else arch.W_in(L)[:, i]
+    torch.testing.assert_close(w, (col * arch.ln_mlp(L).weight).detach().float())
+
+
+def test_active_heads_and_pairs():
+    sc = torch.zeros(2, 4)
+    sc[1, 2] = 10.0
+    a = active(sc)
+    assert a.sum() == 1 and a[1, 2]
+    per = [a, torch.zeros_like(a), a, torch.zeros_like(a)]          # active on half the prompts
+    assert pairs(per) == [(1, 2, 0.5)]
+    assert pairs([a] * 4) == []                                       # always active: nothing to contrast
+
+
+def test_trimming_keeps_the_shortest_suffix_above_the_threshold():
+    # the activation at the last token is the sum of the weights of the tokens still in the prompt
+    weights = {0: 0.0, 1: 5.0, 2: 1.0, 3: 1.0, 4: 0.5, 5: 2.5}
+    act = lambda ids: sum(weights[t] for t in ids)          # noqa: E731
+    ids = [1, 2, 3, 4, 5]             # full 10.0, threshold 8: [2, 3, 4, 5] = 5.0 fails, so all of it
+    assert trim(ids, act) == [1, 2, 3, 4, 5]
+    weights[1] = 0.5                  # full 5.5; threshold 4.4: [3,4,5] = 4.0 fails, [2,3,4,5] = 5.0 keeps
+    assert trim(ids, act) == [2, 3, 4, 5]
+    assert trim(ids, act, keep=0.4) == [5]         # threshold 2.2: the last token alone (2.5) keeps it
+    calls = []
+    trim([7, 8], lambda x: (calls.append(list(x)), 1.0)[1], prefix=[0])
+    assert all(c[0] == 0 for c in calls)           # BOS put back in front of every candidate
+
+
+def test_ks_against_exhaustive_enumeration():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=4), rng.normal(0.8, 1, size=5)
+    pooled = np.concatenate([a, b])
+    # D by brute force over every threshold
+    d_brute = max(abs((a <= x).mean() - (b <= x).mean()) for x in pooled)
+    assert ks_statistic(a, b) == pytest.approx(d_brute)
+    # p: the share of all C(9, 4) splits of the pooled values whose D is at least the observed one
+    ds = []
+    for idx in itertools.combinations(range(9), 4):
+        mask = np.zeros(9, bool)
+        mask[list(idx)] = True
+        ds.append(ks_statistic(pooled[mask], pooled[~mask]))
+    p_brute = np.mean(np.array(ds) >= d_brute - 1e-12)
+    r = ks_2samp(a, b)
+    assert r.d == pytest.approx(d_brute) and r.p == pytest.approx(p_brute)
+    # the asymptotic form agrees with the exact one on larger samples
+    for n, m, d in ((60, 80, 0.2), (90, 90, 0.15)):
+        assert _p_asymptotic(n, m, d) == pytest.approx(_p_exact(n, m, d), abs=0.02)
+    assert ks_2samp(rng.normal(size=400), rng.normal(0.5, 1, size=400)).p < 1e-6
+    assert math.isnan(ks_2samp([], [1.0]).d)
+
+
+def test_balanced_accuracy_counts_unparsed_answers_as_wrong():
+    truth = [True, True, True, False, False, False, False]
+    answers = [True, None, False, False, True, None, False]
+    r = balanced_accuracy(truth, answers)
+    assert (r.tp, r.fn, r.tn, r.fp, r.unparsed) == (1, 2, 2, 2, 2)
+    assert r.score == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert math.isnan(balanced_accuracy([True, True], [True, False]).score)
