@@ -139,3 +139,73 @@ def test_balanced_accuracy_counts_unparsed_answers_as_wrong():
     assert (r.tp, r.fn, r.tn, r.fp, r.unparsed) == (1, 2, 2, 2, 2)
     assert r.score == pytest.approx((1 / 3 + 2 / 4) / 2)
     assert math.isnan(balanced_accuracy([True, True], [True, False]).score)
+
+
+def test_induction_score_reads_the_induction_position(monkeypatch):
+    from saeray.sweeps import induction
+
+    m = random_model("llama", n_layers=2, d_model=32, n_heads=4, vocab_size=64, seed=5)
+    with torch.no_grad():      # layer 0: no queries or keys, so every head attends uniformly (causally)
+        m.model.layers[0].self_attn.q_proj.weight.zero_()
+        m.model.layers[0].self_attn.k_proj.weight.zero_()
+    (stage,) = split(m, [])
+    N = 6
+    s = induction.induction_scores(stage, seq_len=N, batch=3, bos=0)
+    assert s.shape == (2, 4)
+    q = np.arange(1 + N, 1 + 2 * N - 1)              # second copy after BOS; key q - N + 1
+    assert s[0].tolist() == pytest.approx([float(np.mean(1.0 / (q + 1)))] * 4, rel=1e-5)
+    # a perfect induction head (attention exactly on the token after the earlier occurrence) scores 1
+    T = 1 + 2 * N
+
+    def fake(model, ids):
+        w = torch.zeros(ids.shape[0], 4, T, T)
+        w[:, :, :, 0] = 1.0
+        for qq in range(1 + N, T):
+            w[:, 2, qq] = 0.0
+            w[:, 2, qq, qq - N + 1] = 1.0
+        return {0: w}
+
+    monkeypatch.setattr(induction, "attention_patterns", fake)
+    s = induction.induction_scores(stage, seq_len=N, batch=2, bos=0)
+    assert s[0].tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_head_ablation_equals_removing_the_head_from_the_weights():
+    import copy
+
+    from saeray.sweeps.heads import ablation_effects
+
+    m = _model("llama")
+    (stage,) = split(m, [])
+    ids, tok = [1, 5, 9, 3, 17, 22, 8], 11
+    got = ablation_effects(stage, ids, tok, [(0, 1), (1, 3)])
+    with torch.no_grad():
+        base = float(torch.softmax(m(torch.tensor([ids])).logits[0, -1], -1)[tok])
+        for (l, h), e in zip([(0, 1), (1, 3)], got):
+            m2 = copy.deepcopy(m)
+            o = m2.model.layers[l].self_attn.o_proj.weight          # [d_model, heads·d_head]
+            o[:, h * 8:(h + 1) * 8] = 0.0                           # d_head = 32 / 4
+            p = float(torch.softmax(m2(torch.tensor([ids])).logits[0, -1], -1)[tok])
+            assert e == pytest.approx(base - p, abs=1e-6)
+
+
+def test_top_activating_contexts_equal_brute_force():
+    from saeray.sweeps.activating import top_activating
+
+    m = _model("gpt_neox")
+    (stage,) = split(m, [])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (11, 9), generator=g).numpy()
+    keep = np.ones_like(ids, dtype=bool)
+    keep[:, 0] = False
+    keep[3] = False                                   # a context with nothing kept never counts
+    neurons = [(1, 4), (2, 0), (2, 100)]
+    got = top_activating(stage, ids, keep, neurons, top=4, batch=3)
+    acts = stage(torch.from_numpy(ids), capture=["mlp_post.1", "mlp_post.2"], logits=False).acts
+    for l, i in neurons:
+        v = acts[f"mlp_post.{l}"][..., i].masked_fill(~torch.from_numpy(keep), float("-inf"))
+        rows = [r for r in range(11) if keep[r].any()]
+        want = sorted(rows, key=lambda r: (-float(v[r].max()), r))[:4]
+        assert [h.context for h in got[(l, i)]] == want
+        for h in got[(l, i)]:
+            assert h.value == pytest.approx(float(v[h.context].max())) and v[h.context, h.position] == v[h.context].max()

@@ -9,6 +9,10 @@ gate), while the up path only scales it, so a head that switches the neuron on w
 gate. A head is active on a prompt when its score exceeds the mean + 2σ of that prompt's head
 scores; a (neuron, head) pair is worth explaining when the head is active on 25-75 % of the
 neuron's prompts, so both kinds of example exist.
+
+The paper's ablation check zeroes a head's value vectors and measures the change in the neuron's
+token probability; zeroing the values zeroes the head's output, which is what
+:func:`ablation_effects` does (an ``attn_head_out`` intervention).
 """
 from __future__ import annotations
 
@@ -51,3 +55,19 @@ def pairs(active_per_prompt: list[torch.Tensor], lo: float = PAIR_RANGE[0], hi: 
     """(layer, head, share of prompts it is active on) for the heads active on lo..hi of them."""
     share = torch.stack(active_per_prompt).float().mean(0)
     return [(l, h, float(share[l, h])) for l, h in torch.nonzero((share >= lo) & (share <= hi)).tolist()]
+
+
+@torch.no_grad()
+def ablation_effects(model, ids: list[int], token_id: int, heads: list[tuple[int, int]]) -> list[float]:
+    """For each (layer, head): p(token | prompt) − p(token | prompt, that head's output zeroed), at
+    the last position."""
+    from ..models.hooks import zero_ablate
+
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+
+    def p(interventions=None) -> float:
+        out = model(x, interventions=interventions, logits=False).output[:, -1]
+        return float(torch.softmax(model.unembed(model.final_norm(out)).float(), -1)[0, token_id])
+
+    base = p()
+    return [base - p({f"attn_head_out.{l}.{h}": zero_ablate()}) for l, h in heads]
