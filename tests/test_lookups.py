@@ -209,3 +209,39 @@ def test_top_activating_contexts_equal_brute_force():
         assert [h.context for h in got[(l, i)]] == want
         for h in got[(l, i)]:
             assert h.value == pytest.approx(float(v[h.context].max())) and v[h.context, h.position] == v[h.context].max()
+
+
+def test_explainer_and_classifier_prompts_and_answers():
+    from saeray.interp.explain import classify_messages, explain_messages, parse_yes_no
+
+    m = explain_messages("quito", ["mia lives in quito", "( a b"], ["the cat is"])
+    text = m[0]["content"]
+    assert m[0]["role"] == "user" and '"quito"' in text
+    assert text.index('- """mia lives in quito"""') < text.index("Inactive examples") < text.index('- """the cat is"""')
+    c = classify_messages("Active when\na city\nfollows.", "noah lives in")[0]["content"]
+    assert c.startswith("Active when a city follows.\nIs the given example an active example? (Yes/No)\n")
+    assert c.endswith('"""noah lives in"""\nAnswer: ')
+    for ans, want in ((" Yes", True), ("no.", False), ("YES, it is", True), ("Nope", None), ("", None),
+                      ("I think yes", None)):
+        assert parse_yes_no(ans) is want, ans
+
+
+@pytest.mark.slow
+def test_explain_and_score_against_a_real_server(llm_server):
+    """SmolLM2 on `transformers serve` writes an explanation and answers the classifier; every
+    answer is counted, parsed or not."""
+    from saeray.interp.client import LLMClient, LLMConfig
+    from saeray.interp.explain import (CLASSIFY_TOKENS, EXPLAIN_TOKENS, LLMExplainer, classify_messages,
+                                       explain_messages, parse_yes_no)
+
+    base_url, model_id = llm_server
+    active = ["mia lives in quito", "noah lives in lima"]
+    inactive = ["the cat eats fish", "( red blue green"]
+    with LLMClient(LLMConfig(base_url=base_url, model=model_id, timeout_s=180)) as client:
+        ex = LLMExplainer(client)
+        explanation = ex.generate(explain_messages("quito", active, inactive), EXPLAIN_TOKENS)
+        assert len(explanation.split()) >= 3
+        held = ["ava lives in oslo", "the dog runs fast"]
+        answers = [parse_yes_no(ex.generate(classify_messages(explanation, e), CLASSIFY_TOKENS)) for e in held]
+    r = balanced_accuracy([True, False], answers)
+    assert r.tp + r.fn + r.tn + r.fp == 2 and r.unparsed == sum(a is None for a in answers)
