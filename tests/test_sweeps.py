@@ -175,3 +175,28 @@ def test_jsonl_prompt_sets_are_checked(tmp_path):
             build_set(str(bad), build_tokenizer(), CorpusSpec(), 10)
     with pytest.raises(InputError, match="no such file"):
         build_set(str(tmp_path / "missing.jsonl"), build_tokenizer(), CorpusSpec(), 10)
+
+
+def test_resume_cache_belongs_to_its_model():
+    """The cached tail stages are keyed by the model object: a model built where a freed one lived
+    (same id) never gets the old model's layers."""
+    import gc
+    import weakref
+
+    from saeray.sweeps import splice
+
+    outs = []
+    for seed in (1, 2, 3):
+        stage, sae, ids, keep = _setup("llama")
+        with torch.no_grad():
+            for p in stage.parameters():
+                p.add_(0.01 * seed)
+        c = clean_pass(stage, sae, "resid_post.0", ids, keep)
+        rows = decode(sae, c.f)[None]
+        fast = last_logits(stage, "resid_post.0", c.ids[None], c.keep, rows, c.hidden)
+        torch.testing.assert_close(fast, last_logits(stage, "resid_post.0", c.ids[None], c.keep, rows), atol=1e-5, rtol=1e-5)
+        assert stage in splice._TAILS
+        ref = weakref.ref(stage)
+        del stage, c
+        gc.collect()
+        assert ref() is None          # the cache does not keep a model alive

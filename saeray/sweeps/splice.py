@@ -18,6 +18,7 @@ most of the work on a large vocabulary.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,19 +77,21 @@ def resume_layer(hookpoint: str) -> int | None:
     return {"resid_post": hp.layer + 1, "resid_pre": hp.layer}.get(hp.kind)
 
 
-_TAILS: dict = {}
+_TAILS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _tail(model, start: int):
-    """Blocks [start, n) + final norm + unembedding of a whole-model stage, sharing its modules."""
+    """Blocks [start, n) + final norm + unembedding of a whole-model stage, sharing its modules
+    (built once per model and start; keyed by the model object itself, never by its id, which a
+    new model may reuse once the old one is gone)."""
     from ..models.shard import Stage
 
-    key = (id(model), start)
-    if key not in _TAILS:
-        _TAILS.clear()   # one model per worker: never hold modules of a model that is gone
-        _TAILS[key] = Stage(model.config, model.family, (start, model.stop), [model.blocks[i] for i in range(start, model.stop)],
-                            rotary=model.rotary, final_norm=model.final_norm, unembed=model.unembed)
-    return _TAILS[key]
+    tails = _TAILS.setdefault(model, {})
+    if start not in tails:
+        tails[start] = Stage(model.config, model.family, (start, model.stop),
+                             [model.blocks[i] for i in range(start, model.stop)],
+                             rotary=model.rotary, final_norm=model.final_norm, unembed=model.unembed)
+    return tails[start]
 
 
 def last_logits(model, hookpoint: str, ids: Tensor, keep: Tensor, new_kept: Tensor | Callable,
