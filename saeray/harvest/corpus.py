@@ -265,6 +265,7 @@ def iter_jsonl(url: str):
             except json.JSONDecodeError as e:
                 raise InputError(f"{url}:{ln}: not valid JSON ({e.msg})") from None
 
+
 def _iter_texts(files: list[str], field: str) -> Iterator[str]:
     import fsspec
 

@@ -112,17 +112,15 @@ def run_stage(ctx: TargetContext, stage: Stage, inputs: dict[str, Any]) -> Any:
     rec = ctx.section(stage.name)
     key = stage.key(ctx.written, ctx.target)
     changed = _changed(rec["key"], key) if rec.get("key") is not None else []
-    if stage.incremental:
-        own = [c for c in changed if c.split(".")[0] == stage.name]
-        changed = [c for c in changed if c not in own]
-        if own and rec.get("status") == "done":
-            rec = {**rec, "status": "changed"}
-    if changed:
+    # an incremental stage re-runs on a change in its own part of the key; anything else is refused
+    own = [c for c in changed if stage.incremental and c.split(".")[0] == stage.name]
+    refused = [c for c in changed if c not in own]
+    if refused:
         verb = "finished" if rec.get("status") == "done" else "started"
         raise InputError(f"run {ctx.run.url}: target {ctx.target} {verb} stage '{stage.name}' with other "
-                         f"settings ({', '.join(changed)} changed); use a new run name (the spec's 'name') or "
+                         f"settings ({', '.join(refused)} changed); use a new run name (the spec's 'name') or "
                          "delete the run folder to start over")
-    if rec.get("status") == "done":
+    if rec.get("status") == "done" and not own:
         log.info(f"{ctx.target}: stage {stage.name} already done, skipped")
         return stage.result.from_dict(rec["result"])
     log.info(f"{ctx.target}: stage {stage.name} started")
