@@ -10,6 +10,7 @@ import html
 import math
 
 from ..evaluate.concepts import F1_FOUND
+from .markup import table
 from .plots import tradeoff_png
 from .sweeps import render_html as render_sweeps
 
@@ -32,12 +33,7 @@ def _fmt(v) -> str:
 
 
 def _table(header: list[str], rows: list[list], left: int = 1) -> str:
-    h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
-    body = []
-    for r in rows:
-        cells = "".join(f'<td{" class=l" if i < left else ""}>{html.escape(_fmt(v))}</td>' for i, v in enumerate(r))
-        body.append(f"<tr>{cells}</tr>")
-    return f"<table><tr>{h}</tr>{''.join(body)}</table>"
+    return table(header, rows, _fmt, left)
 
 
 def _img(png: bytes | None, alt: str) -> str:

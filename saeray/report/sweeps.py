@@ -6,6 +6,8 @@ from __future__ import annotations
 import html
 import math
 
+from .markup import table
+
 AGREE_COLS = (("kept", "prompts kept"), ("n_active", "active latents"),
               ("gradsae_spearman", "GradSAE ρ"), ("gradsae_topk_overlap", "GradSAE top-k"),
               ("signed_spearman", "signed ρ"), ("ig_spearman", "IG ρ"), ("ig_topk_overlap", "IG top-k"),
@@ -51,25 +53,22 @@ def pivot(rows: list[dict], settings: tuple[str, ...] = ("top", "bottom")) -> di
         b["cells"][(r["hookpoint"], r["side"], r["method"], r["k"])] = r
     out = {}
     for key, b in blocks.items():
-        table = []
+        body = []
         for hp in b["hps"]:
             for side in settings:
                 for m in ("activation", "gradsae"):
                     cells = [b["cells"].get((hp, side, m, k)) for k in b["ks"]]
                     if any(cells):
-                        table.append([hp, side, m] + [f"{c['em']:.1f} / {c['f1']:.1f}" if c else None for c in cells])
+                        body.append([hp, side, m] + [f"{c['em']:.1f} / {c['f1']:.1f}" if c else None for c in cells])
             ref = b["ref"].get(hp)
             if ref is not None:
-                table.append([hp, "nothing masked", "–"] + [f"{ref['em']:.1f} / {ref['f1']:.1f}"] * len(b["ks"]))
-        out[key] = (b["ks"], table)
+                body.append([hp, "nothing masked", "–"] + [f"{ref['em']:.1f} / {ref['f1']:.1f}"] * len(b["ks"]))
+        out[key] = (b["ks"], body)
     return out
 
 
 def _table(header: list[str], rows: list[list], left: int = 1) -> str:
-    h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f'<td{" class=l" if i < left else ""}>{html.escape(_fmt(v))}</td>'
-                                    for i, v in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><tr>{h}</tr>{body}</table>"
+    return table(header, rows, _fmt, left)
 
 
 def render_html(target: str, sweeps: dict) -> str:
@@ -90,13 +89,13 @@ def render_html(target: str, sweeps: dict) -> str:
                          "prompt over its active latents, then the median over prompts (ρ) or the mean (top-k overlap).</p>")
             parts.append(_table([h for _, h in lead] + [c[1] for c in AGREE_COLS],
                                 [[r[k] for k, _ in lead] + [r.get(c) for c, _ in AGREE_COLS] for r in ag], left=len(lead)))
-        for table, title, note in (
+        for kind, title, note in (
                 ("masking", "Masking", "EM / F1 % after zeroing the chosen latents at every position while decoding: "
                  "lower after masking the top-K means the score found influential latents; bottom-K should stay near 100."),
                 ("steering", "Steering", "As the released code does it: at the last position, the prompt's chosen "
                  "latents zeroed and the partner prompt's top-K written with its scores clamped to [0, 50]; EM / F1 % "
                  "against the partner's answer.")):
-            for (sae, ps), (ks, rows) in pivot(res.get(table, [])).items():
+            for (sae, ps), (ks, rows) in pivot(res.get(kind, [])).items():
                 parts.append(f"<h3>{title}: {html.escape(sae)} on {html.escape(ps)}</h3><p class=muted>{html.escape(note)}</p>")
                 parts.append(_table(["hook point", "setting", "method"] + [f"K={k}" for k in ks], rows, left=3))
     if parts:
@@ -117,9 +116,9 @@ def render_text(target: str, sweeps: dict) -> str:
                          f"GradSAE ρ {_fmt(r['gradsae_spearman'])} r {_fmt(r['gradsae_pearson'])} "
                          f"top-k {_fmt(r['gradsae_topk_overlap'])}; signed ρ {_fmt(r['signed_spearman'])}; "
                          f"IG ρ {_fmt(r['ig_spearman'])}; speed-up {_fmt(r['speedup'])}")
-        for table in ("masking", "steering"):
-            for (sae, ps), (ks, rows) in pivot(res.get(table, [])).items():
-                lines.append(f"  {table} {sae} {ps} (EM / F1 %): " + " | ".join(f"K={k}" for k in ks))
+        for kind in ("masking", "steering"):
+            for (sae, ps), (ks, rows) in pivot(res.get(kind, [])).items():
+                lines.append(f"  {kind} {sae} {ps} (EM / F1 %): " + " | ".join(f"K={k}" for k in ks))
                 for row in rows:
                     lines.append(f"    {row[0]:>14} {row[1]:>14} {row[2]:>10}  " + " | ".join(_fmt(c) for c in row[3:]))
     return "\n".join(lines)
