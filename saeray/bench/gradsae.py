@@ -27,22 +27,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..sweeps.agreement import spearman
+from ..sweeps.agreement import nanmean, nanmedian, spearman
 from ..sweeps.gradsae import GradOptions
 from ..sweeps.job import run_prompt
 
 log = logging.getLogger("saeray")
 LARGE = 1e-3
-
-
-def _median(x):
-    x = [v for v in x if v is not None and not math.isnan(v)]
-    return statistics.median(x) if x else math.nan
-
-
-def _mean(x):
-    x = [v for v in x if v is not None and not math.isnan(v)]
-    return statistics.fmean(x) if x else math.nan
 
 
 def ensure_run(spec_path: str, address: str | None):
@@ -97,9 +87,9 @@ def measure(model, sae, hp: str, prompts, opt: GradOptions, exact_batch: int, to
         return {"prompts": 0}
     n_lat = sum(r["n_active"] for r in per)
     t_g, t_ig, t_ex = (sum(r.get(k, 0.0) for r in per) for k in ("t_gradsae_s", "t_ig_s", "t_exact_s"))
-    out = {"prompts": len(per), "mean_tokens": _mean([r["n_tokens"] for r in per]),
-           "mean_active_latents": n_lat / len(per), "mean_large_latents": _mean([r["n_large"] for r in per]),
-           "mean_p_answer": _mean([r["p_model"] for r in per]),
+    out = {"prompts": len(per), "mean_tokens": nanmean([r["n_tokens"] for r in per]),
+           "mean_active_latents": n_lat / len(per), "mean_large_latents": nanmean([r["n_large"] for r in per]),
+           "mean_p_answer": nanmean([r["p_model"] for r in per]),
            "gradsae_latents_per_s": n_lat / t_g, "exact_latents_per_s": n_lat / t_ex, "speedup": t_ex / t_g}
     if t_ig:
         out.update(ig_latents_per_s=n_lat / t_ig, ig_speedup=t_ex / t_ig)
@@ -107,15 +97,15 @@ def measure(model, sae, hp: str, prompts, opt: GradOptions, exact_batch: int, to
                     ("activation", "activation_")):
         if m not in per[0]["agreement"]:
             continue
-        out[f"{name}spearman"] = _median([r["agreement"][m]["spearman"] for r in per])
-        out[f"{name}pearson"] = _median([r["agreement"][m]["pearson"] for r in per])
-        out[f"{name}topk_overlap"] = _mean([r["agreement"][m]["topk_overlap"] for r in per])
+        out[f"{name}spearman"] = nanmedian([r["agreement"][m]["spearman"] for r in per])
+        out[f"{name}pearson"] = nanmedian([r["agreement"][m]["pearson"] for r in per])
+        out[f"{name}topk_overlap"] = nanmean([r["agreement"][m]["topk_overlap"] for r in per])
         if m in per[0]["large"]:
-            out[f"{name}spearman_large"] = _median([r["large"][m] for r in per])
+            out[f"{name}spearman_large"] = nanmedian([r["large"][m] for r in per])
         if m in per[0]["small"]:
-            out[f"{name}spearman_small"] = _median([r["small"][m] for r in per])
+            out[f"{name}spearman_small"] = nanmedian([r["small"][m] for r in per])
         if m in per[0]["top1"]:
-            out[f"{name}top1_hit"] = _mean([r["top1"][m] for r in per])
+            out[f"{name}top1_hit"] = nanmean([r["top1"][m] for r in per])
     return out
 
 

@@ -1,6 +1,7 @@
 """How well a score ranks latents the way exact ablation does, per prompt, over the active
 latents: Spearman (average ranks for ties) and Pearson correlation, and the overlap of the two
-top-k sets (|top-k(score) ∩ top-k(effect)| / k, with k capped at the number of active latents)."""
+top-k sets (|top-k(score) ∩ top-k(effect)| / k, with k capped at the number of active latents);
+and the median / mean over prompts that skip prompts without a figure."""
 from __future__ import annotations
 
 import math
@@ -45,6 +46,21 @@ def topk_overlap(score: np.ndarray, effect: np.ndarray, k: int) -> float:
     a = set(np.argsort(-np.asarray(score), kind="mergesort")[:k].tolist())
     b = set(np.argsort(-np.asarray(effect), kind="mergesort")[:k].tolist())
     return len(a & b) / k
+
+
+def _finite(x) -> list[float]:
+    return [v for v in x if v is not None and not math.isnan(v)]
+
+
+def nanmedian(x) -> float:
+    """Median of the values that are numbers (a prompt with too few latents has no correlation)."""
+    x = _finite(x)
+    return float(np.median(x)) if x else math.nan
+
+
+def nanmean(x) -> float:
+    x = _finite(x)
+    return float(np.mean(x)) if x else math.nan
 
 
 def agreement(score, effect, k: int = 10) -> dict[str, float]:

@@ -22,10 +22,10 @@ import io
 import math
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .agreement import nanmean, nanmedian
 from .answers import exact_match, token_f1
 from .job import SCORES
 
@@ -106,17 +106,17 @@ def tables(target: str, item: WorkItem, ps, results: list[dict], tok) -> dict[st
             n = len(lat["latent"])
             cols = {c: lat[c].tolist() for c in lat}
             rows["latents"].extend({**k, **{c: cols[c][i] for c in cols}} for i in range(n))
-        for m in r.get("masking", []):
+        def scored(m: dict, answer: str) -> dict:
             pred = text(m["tokens"])
-            rows["masking"].append({**k, **{f: m[f] for f in ("method", "side", "k", "k_n")}, "answer": p.answer,
-                                    "prediction": pred, "em": exact_match(pred, p.answer), "f1": token_f1(pred, p.answer)})
+            return {**k, **{f: m[f] for f in ("method", "side", "k", "k_n")}, "answer": answer, "prediction": pred,
+                    "em": exact_match(pred, answer), "f1": token_f1(pred, answer)}
+
+        rows["masking"].extend(scored(m, p.answer) for m in r.get("masking", []))
         if r.get("steering"):
             q = by_id[p.partner]
             for m in r["steering"]:
-                pred = text(m["tokens"])
-                rows["steering"].append({**k, **{f: m[f] for f in ("method", "side", "k", "k_n")}, "partner_id": q.id,
-                                         "answer": q.answer, "prediction": pred, "em": exact_match(pred, q.answer),
-                                         "f1": token_f1(pred, q.answer), "em_own": exact_match(pred, p.answer)})
+                row = scored(m, q.answer)
+                rows["steering"].append({**row, "partner_id": q.id, "em_own": exact_match(row["prediction"], p.answer)})
     return {t: pa.Table.from_pylist(rows[t], schema=SCHEMAS[t]) for t in TABLES}
 
 
@@ -137,16 +137,6 @@ def read_table(store, sweep: str, table: str) -> pa.Table:
 
 # ---- figures for the report ---------------------------------------------------------------------
 
-def _median(x: list[float]) -> float:
-    x = [v for v in x if v is not None and not math.isnan(v)]
-    return float(np.median(x)) if x else math.nan
-
-
-def _mean(x: list[float]) -> float:
-    x = [v for v in x if v is not None and not math.isnan(v)]
-    return float(np.mean(x)) if x else math.nan
-
-
 def _groups(rows: list[dict], fields: tuple[str, ...]) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -163,11 +153,11 @@ def summarize(store, sweep: str) -> dict:
     for (hp, sae, ps), rows in _groups(prompts, ("hookpoint", "sae", "prompt_set")).items():
         ok = [r for r in rows if r["correct"]]
         row = {"hookpoint": hp, "sae": sae, "prompt_set": ps, "prompts": len(rows), "correct": len(ok),
-               "n_active": _mean([r["n_active"] for r in ok])}
+               "n_active": nanmean([r["n_active"] for r in ok])}
         for m in SCORES:
-            row[f"{m}_spearman"] = _median([r[f"{m}_spearman"] for r in ok])
-            row[f"{m}_pearson"] = _median([r[f"{m}_pearson"] for r in ok])
-            row[f"{m}_topk_overlap"] = _mean([r[f"{m}_topk_overlap"] for r in ok])
+            row[f"{m}_spearman"] = nanmedian([r[f"{m}_spearman"] for r in ok])
+            row[f"{m}_pearson"] = nanmedian([r[f"{m}_pearson"] for r in ok])
+            row[f"{m}_topk_overlap"] = nanmean([r[f"{m}_topk_overlap"] for r in ok])
         lat = sum(r["n_active"] or 0 for r in ok)
         for m in ("gradsae", "ig", "exact"):
             t = sum(r[f"t_{m}_s"] or 0 for r in ok)
@@ -177,9 +167,9 @@ def summarize(store, sweep: str) -> dict:
         rows = read_table(store, sweep, table).to_pylist()
         for key, g in _groups(rows, ("hookpoint", "sae", "prompt_set", "method", "side", "k")).items():
             d = dict(zip(("hookpoint", "sae", "prompt_set", "method", "side", "k"), key))
-            d.update(n=len(g), em=100 * _mean([r["em"] for r in g]), f1=100 * _mean([r["f1"] for r in g]),
-                     k_n=_mean([r["k_n"] for r in g]))
+            d.update(n=len(g), em=100 * nanmean([r["em"] for r in g]), f1=100 * nanmean([r["f1"] for r in g]),
+                     k_n=nanmean([r["k_n"] for r in g]))
             if table == "steering":
-                d["em_own"] = 100 * _mean([r["em_own"] for r in g])
+                d["em_own"] = 100 * nanmean([r["em_own"] for r in g])
             out[table].append(d)
     return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..models.arch import view
+from .splice import logits_at_last
 
 ACTIVE_SIGMAS = 2.0
 PAIR_RANGE = (0.25, 0.75)
@@ -27,7 +28,8 @@ PAIR_RANGE = (0.25, 0.75)
 def input_direction(model, layer: int, neuron: int) -> torch.Tensor:
     """[d_model]: what neuron ``neuron`` of ``layer`` reads from the residual stream."""
     arch = view(model)
-    W = arch.W_gate(layer) if arch.W_gate(layer) is not None else arch.W_in(layer)
+    W = arch.W_gate(layer)
+    W = arch.W_in(layer) if W is None else W
     w = W[:, neuron].detach().float()
     gamma = getattr(arch.ln_mlp(layer), "weight", None)
     return w * gamma.detach().float() if gamma is not None else w
@@ -66,8 +68,8 @@ def ablation_effects(model, ids: list[int], token_id: int, heads: list[tuple[int
     x = torch.tensor([ids], device=next(model.parameters()).device)
 
     def p(interventions=None) -> float:
-        out = model(x, interventions=interventions, logits=False).output[:, -1]
-        return float(torch.softmax(model.unembed(model.final_norm(out)).float(), -1)[0, token_id])
+        out = model(x, interventions=interventions, logits=False).output
+        return float(torch.softmax(logits_at_last(model, out), -1)[0, token_id])
 
     base = p()
     return [base - p({f"attn_head_out.{l}.{h}": zero_ablate()}) for l, h in heads]

@@ -21,7 +21,7 @@ from .ablation import exact_effects
 from .agreement import agreement
 from .gradsae import GradOptions, integrated, scores
 from .masking import decode_greedy, masking_rows, steering_rows
-from .splice import clean_pass
+from .splice import clean_pass, logits_at_last
 
 SCORES = ("gradsae", "signed", "ig", "ig_signed", "activation")
 
@@ -32,8 +32,7 @@ def greedy(model, ids: list[int], steps: int) -> list[int]:
     seq = torch.tensor(ids, device=next(model.parameters()).device)[None]
     out = []
     for _ in range(steps):
-        h = model(seq, logits=False).output[:, -1]
-        nxt = model.unembed(model.final_norm(h)).argmax(-1)
+        nxt = logits_at_last(model, model(seq, logits=False).output).argmax(-1)
         out.append(int(nxt))
         seq = torch.cat([seq, nxt[:, None]], 1)
     return out

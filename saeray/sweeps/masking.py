@@ -78,11 +78,12 @@ def decode_greedy(model, sae, hookpoint: str, ids: list[int], keep: list[bool], 
     out = []
 
     def edit(act: Tensor) -> Tensor:     # act [R, K, d]
-        f = encode(sae, act) * zero_all[:, None]
+        f0 = encode(sae, act)
+        f = f0 * zero_all[:, None]
         last = f[:, -1] * zero_last
         f = torch.cat([f[:, :-1], torch.where(put_mask, put_val, last)[:, None]], 1)
         new = decode(sae, f)
-        return new + (act - decode(sae, encode(sae, act))) if error_term else new
+        return new + (act - decode(sae, f0)) if error_term else new
 
     for _ in range(steps):
         nxt = last_logits(model, hookpoint, seq, keep_t, edit).argmax(-1)

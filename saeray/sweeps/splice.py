@@ -47,6 +47,11 @@ def _f(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def logits_at_last(model, hidden: Tensor) -> Tensor:
+    """Logits [R, V] of the last position of a whole-model stage's final hidden states [R, T, d]."""
+    return _f(model.unembed(model.final_norm(hidden[:, -1])))
+
+
 def encode(sae, x: Tensor) -> Tensor:
     """Latents of ``x`` [..., d] (any leading shape)."""
     return sae.encode(_f(x).reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
@@ -65,7 +70,7 @@ def clean_pass(model, sae, hookpoint: str, ids: list[int], keep: list[bool]) -> 
     hidden = out.acts[hookpoint][0]
     act = _f(hidden[keep_t])
     f = encode(sae, act)
-    logits = _f(model.unembed(model.final_norm(out.output[:, -1]))[0])
+    logits = logits_at_last(model, out.output)[0]
     return Clean(ids_t, keep_t, act, f, act - decode(sae, f), logits, hidden)
 
 
@@ -106,7 +111,7 @@ def last_logits(model, hookpoint: str, ids: Tensor, keep: Tensor, new_kept: Tens
         h[:, keep] = new_kept.to(h.dtype)
         if start < model.stop:
             h = _tail(model, start)(h, logits=False, detach=False).output
-        return _f(model.unembed(model.final_norm(h[:, -1])))
+        return logits_at_last(model, h)
 
     def put(act: Tensor) -> Tensor:
         new = new_kept(_f(act[:, keep])) if callable(new_kept) else new_kept
@@ -115,7 +120,7 @@ def last_logits(model, hookpoint: str, ids: Tensor, keep: Tensor, new_kept: Tens
         return out
 
     out = model(ids, interventions={hookpoint: put}, logits=False, detach=False)
-    return _f(model.unembed(model.final_norm(out.output[:, -1])))
+    return logits_at_last(model, out.output)
 
 
 def output_of(logits: Tensor, answer: int, kind: str = "prob") -> Tensor:
