@@ -407,6 +407,21 @@ def bench_gradsae(
     show_bench(render(res), res, json_out)
 
 
+@bench_app.command("lookups")
+def bench_lookups(
+    spec: str = typer.Option("jobs/storyworld.yaml", "--spec", help="the audit whose look-up sweep is read (run first "
+                             "if its run lacks it)"),
+    sweep: str = typer.Option("lookups", "--sweep", help="the look-up sweep's name in the spec"),
+    json_out: bool = typer.Option(False, "--json", help="print the figures as one JSON line last"),
+) -> None:
+    """Context look-ups: explanation scores of next-token neurons' heads against random neurons,
+    the head-ablation KS test and the induction match of copy-target neurons."""
+    from .bench.lookups import render, run_bench
+
+    res = run_bench(spec, sweep, address=state.address)
+    show_bench(render(res), res, json_out)
+
+
 @bench_app.command("saelens")
 def bench_saelens(
     out: str = typer.Option("./runs/bench-saelens", "--out", help="folder for result.json and one SAE folder per SAE"),

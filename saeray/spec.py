@@ -159,9 +159,69 @@ class GradSAEOptions(_Strict):
 SWEEP_EXPERIMENTS = ("agreement", "masking", "steering")
 
 
+class LLMSpec(_Strict):
+    """An OpenAI-compatible chat endpoint (saeray.interp.client.LLMConfig; docs/llm.md): one that is
+    running (base_url, model), or one the job starts itself on loopback for its explaining step
+    (serve: smollm2-135m-instruct or a local model folder, served by `transformers serve`)."""
+    base_url: Optional[str] = Field(None, description="the OpenAI-compatible root with its version path, "
+                                    "e.g. http://127.0.0.1:8000/v1")
+    model: Optional[str] = Field(None, min_length=1, description="the model id the server lists at GET {base_url}/models")
+    serve: Optional[str] = Field(None, min_length=1, description="start `transformers serve` of this model "
+                                 "(smollm2-135m-instruct or a local folder) on 127.0.0.1 for the step, instead of "
+                                 "base_url/model")
+    api_key_env: Optional[str] = Field(None, description="NAME of the environment variable holding the key")
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    max_concurrency: int = Field(4, ge=1, description="requests in flight at once, per explaining task")
+    requests_per_s: Optional[float] = Field(None, gt=0, description="request starts per second, per explaining task")
+
+    @model_validator(mode="after")
+    def _where(self) -> "LLMSpec":
+        if self.serve is None and (self.base_url is None or self.model is None):
+            raise ValueError("give base_url and model of a running OpenAI-compatible server, or serve: <model> to "
+                             "start one (docs/llm.md)")
+        if self.serve is not None and (self.base_url is not None or self.model is not None):
+            raise ValueError("serve starts its own server: leave base_url and model out")
+        return self
+
+    def config(self, base_url: str | None = None, model: str | None = None):
+        from .interp.client import LLMConfig
+
+        d = self.model_dump(exclude={"serve", "base_url", "model"})
+        return LLMConfig(base_url=base_url or self.base_url, model=model or self.model, **d)
+
+
+class LookupOptions(_Strict):
+    """Context look-ups (Neo, Cohen, Barez 2024; docs/sweeps.md)."""
+    layers: Optional[list[int]] = Field(None, description="MLP layers whose neurons are looked up (default: the last "
+                                        "three, at least layer 1: heads of earlier layers feed them)")
+    n_per_layer: int = Field(20, ge=1, description="next-token neurons per layer (paper: 20)")
+    n_random: int = Field(20, ge=0, description="random control neurons per layer (0: no control)")
+    copy_targets: Optional[bool] = Field(None, description="also the top neurons of the nonce code words, checked "
+                                         "against induction heads (default: on for storyworld)")
+    neurons_per_item: int = Field(10, ge=1, description="neurons per work item (the resume granularity)")
+    n_prompts: int = Field(20, ge=2, description="activating prompts per neuron to explain from (paper: 20)")
+    n_test: int = Field(10, ge=1, description="held-out prompts per neuron to score on (paper: 10)")
+    max_prompt_len: int = Field(100, ge=2, description="trimmed prompts longer than this are dropped (paper: 100)")
+    explain_contexts: int = Field(512, ge=1, description="corpus contexts searched for explanation prompts")
+    test_contexts: int = Field(256, ge=1, description="further corpus contexts searched for held-out prompts")
+    explainer: Literal["offline", "llm"] = Field("offline", description="offline: storyworld's rule explainer; "
+                                                 "llm: the chat endpoint in llm")
+    llm: Optional[LLMSpec] = None
+    induction_top: Optional[int] = Field(None, ge=1, description="heads counted as the model's induction heads "
+                                         "(default: as many as a layer has)")
+
+    @model_validator(mode="after")
+    def _llm(self) -> "LookupOptions":
+        if self.explainer == "llm" and self.llm is None:
+            raise ValueError("explainer 'llm' needs an 'llm:' section (base_url, model); or use explainer: offline")
+        return self
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", description="the sweep's folder and report section")
-    method: Literal["gradsae"] = "gradsae"
+    method: Literal["gradsae", "lookups"] = Field("gradsae", description="gradsae: SAE latents against the answer; "
+                                                  "lookups: next-token neurons and the heads that switch them on")
     prompts: list[str] = Field(default_factory=lambda: ["storyworld-facts"], min_length=1,
                                description="prompt sets: storyworld-facts, smollm2-capitals or a .jsonl file")
     n_prompts: int = Field(64, ge=1, description="prompts per set (before keeping those the model answers correctly)")
@@ -178,6 +238,7 @@ class SweepSpec(_Strict):
     prompts_per_item: int = Field(8, ge=1, description="prompts per work item (the resume granularity)")
     pipelines: int = Field(1, ge=1, description="model replicas taking work items side by side")
     gradsae: GradSAEOptions = Field(default_factory=GradSAEOptions)
+    lookups: LookupOptions = Field(default_factory=LookupOptions)
 
     @field_validator("ks")
     @classmethod

@@ -133,72 +133,23 @@ def has(cmd: str) -> bool:
     return shutil.which(cmd) is not None
 
 
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError as e:
-        return f"(could not read {path}: {e})"
-
-
 @pytest.fixture(scope="session")
 def llm_server(tmp_path_factory):
-    """`transformers serve <SmolLM2-135M-Instruct folder> --host 127.0.0.1 --port PORT` as a subprocess
-    of this venv, offline; yields (base_url, model_id) once `GET /v1/models` lists the model (the
-    positional model is preloaded before the port opens, so listed means ready). The model id is
-    the folder path exactly as given: a server pinned to a model answers 400 to any other id.
-    Stopped by its PID (SIGTERM, bounded wait, SIGKILL)."""
-    import json
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    """`transformers serve <SmolLM2-135M-Instruct folder>` on loopback, offline
+    (:func:`saeray.interp.serve.serving`); yields (base_url, model_id) once the model is listed,
+    and checks after that the server process is gone."""
+    import psutil
 
+    from saeray.errors import SaerayError
+    from saeray.interp import serve
     from saeray.models.smollm2 import materialize
 
     folder = str(materialize(progress=False))
-    exe = Path(sys.executable).with_name("transformers")
-    if not exe.exists():
-        pytest.fail(f"{exe} not found: install transformers[serving]", pytrace=False)
-    port = free_port()
-    logdir = tmp_path_factory.mktemp("llm_server")
-    out_log, err_log = logdir / "stdout.log", logdir / "stderr.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_HUB_DISABLE_UPDATE_CHECK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    cmd = [str(exe), "serve", folder, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    with open(out_log, "wb") as out, open(err_log, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
-    base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        timeout = 180.0
-        deadline = time.monotonic() + timeout
-        model_id = None
-        while model_id is None:
-            if proc.poll() is not None:
-                pytest.fail(f"`{' '.join(cmd)}` exited with code {proc.returncode} before serving; "
-                            f"stderr tail:\n{_tail(err_log)}", pytrace=False)
-            if time.monotonic() > deadline:
-                pytest.fail(f"`{' '.join(cmd)}` did not answer GET {base_url}/models within {timeout:.0f}s; "
-                            f"stderr tail:\n{_tail(err_log)}", pytrace=False)
-            try:
-                with urllib.request.urlopen(f"{base_url}/models", timeout=2) as r:
-                    ids = [m["id"] for m in json.load(r).get("data", [])]
-                if folder in ids:
-                    model_id = folder
-            except (OSError, ValueError, KeyError):
-                pass
-            if model_id is None:
-                time.sleep(0.5)
-        yield base_url, model_id
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=20)
-        import psutil
-
-        assert proc.poll() is not None and not psutil.pid_exists(proc.pid), \
-            f"transformers serve (PID {proc.pid}) is still running"
+        with serve.serving(folder, logdir=str(tmp_path_factory.mktemp("llm_server"))) as served:
+            yield served.base_url, served.model_id
+    except SaerayError as e:
+        pytest.fail(str(e), pytrace=False)
+    proc = served.proc
+    assert proc.poll() is not None and not psutil.pid_exists(proc.pid), \
+        f"transformers serve (PID {proc.pid}) is still running"

@@ -245,3 +245,119 @@ def test_explain_and_score_against_a_real_server(llm_server):
         answers = [parse_yes_no(ex.generate(classify_messages(explanation, e), CLASSIFY_TOKENS)) for e in held]
     r = balanced_accuracy([True, False], answers)
     assert r.tp + r.fn + r.tn + r.fp == 2 and r.unparsed == sum(a is None for a in answers)
+
+
+def test_rule_explainer_writes_the_separating_rule_and_classifies_by_it():
+    from saeray.interp.explain import classify_messages, explain_messages, parse_yes_no
+    from saeray.interp.rules import RuleExplainer, features
+
+    ex = RuleExplainer()
+    # active: the predicted word is inside a quotation; inactive: it is not (other features mixed)
+    active = ['mia says " the cow is brown', 'noah says " ava eats bread', 'at the barn . liam says " the dog is red']
+    inactive = ['the cow is brown', 'ava eats bread . the cat is red', 'liam says " hi " . the dog is red']
+    explanation = ex.generate(explain_messages("red", active, inactive), 200)
+    assert explanation.endswith("(rule: quote)") and "inside a quotation" in explanation
+    for example, want in (('ivy says " the cup is blue', True), ('the cup is blue', False),
+                          ('a says " b " . c says " d', True), ('a says " b " . the e', False)):
+        assert parse_yes_no(ex.generate(classify_messages(explanation, example), 3)) is want, example
+    # the copy rule: the predicted word occurs earlier; negations are written as "unless"
+    assert features("code zib tok . mia . code zib")["copy"] and not features("code zib tok")["copy"]
+    expl = ex.generate(explain_messages("zib", ["a b c", "d e f"], ["code zib x . code zib", "q zib r zib"]), 200)
+    assert expl.endswith("(rule: not copy)") and " unless " in expl
+    # an explanation without a rule (an LLM's) gets no yes/no: counted as unparsed, never dropped
+    assert parse_yes_no(ex.generate(classify_messages("Active on city names.", "mia lives in quito"), 3)) is None
+
+
+def test_a_lookup_item_on_a_tiny_model_equals_its_parts():
+    """Prompts end at the neuron's maximal token and keep ≥ 0.8 of its activation; head scores,
+    active heads, pairs and ablation effects equal the building blocks called directly."""
+    from saeray.sweeps.heads import ablation_effects
+    from saeray.sweeps.lookups import ItemOptions, activation_at_last, run_item, select
+
+    m = _model("gpt_neox")
+    (stage,) = split(m, [])
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 64, (40, 12), generator=g).numpy()
+    ids[:, 0] = 1                                                     # BOS
+    keep = np.ones_like(ids, dtype=bool)
+    keep[:, 0] = False
+    words = {t: f" w{chr(97 + t % 26)}{chr(97 + t // 26)}" for t in range(64)}
+    neurons = select(stage, 2, "top", 3, lambda t: words[t], word_level=False)
+    assert [n["set"] for n in neurons] == ["top"] * 3
+    # 8 earlier heads: mean + 2σ is rarely crossed by one of 8 values, so 1σ here; every head active
+    # somewhere is a pair
+    opt = ItemOptions(n_prompts=8, n_test=4, sigmas=1.0, pair_lo=1e-6, pair_hi=1.0)
+    res = run_item(stage, 2, neurons, (ids[:30], keep[:30]), (ids[30:], keep[30:]), 1, opt)
+    assert len(res) == 3 and any(r["pairs"] for r in res)
+    for r in res:
+        act = activation_at_last(stage, 2, r["index"])
+        ex = [p for p in r["prompts"] if p["split"] == "explain"]
+        assert 0 < len(ex) <= 8 and 0 < len(r["prompts"]) - len(ex) <= 4
+        for p in r["prompts"]:
+            src = ids[:30] if p["split"] == "explain" else ids[30:]
+            assert p["ids"][0] == 1 and p["ids"][1:] == src[p["context"], 1 + p["start"]: p["position"] + 1].tolist()
+            assert p["trimmed_activation"] == pytest.approx(act(p["ids"]), abs=1e-5)
+            if p["activation"] > 0:
+                assert p["trimmed_activation"] >= 0.8 * p["activation"] - 1e-5
+            s = head_scores(stage, p["ids"], 2, r["index"])
+            assert p["head_scores"] == pytest.approx(s.flatten().tolist(), abs=1e-5)
+            assert p["active"] == active(s, 1.0).flatten().tolist()
+            assert p["effects"] == pytest.approx(ablation_effects(stage, p["ids"], r["token_id"],
+                                                                  [(q["head_layer"], q["head"]) for q in r["pairs"]]),
+                                                 abs=1e-6)
+        share = torch.tensor([p["active"] for p in ex]).float().mean(0)
+        assert [(q["head_layer"], q["head"]) for q in r["pairs"]] == \
+            [divmod(i, 4) for i in torch.nonzero(share > 0).flatten().tolist()]
+        mean = torch.tensor([p["head_scores"] for p in ex]).mean(0)
+        assert r["top_head"] == divmod(int(mean.argmax()), 4)
+
+
+def _rows(texts_active: list[str], texts_inactive: list[str], test: list[tuple[str, bool]]):
+    """activating rows of one neuron (layer 2, 4 heads per layer) where head L1H2 (flat 6) is active
+    on the given prompts, and its pair."""
+    rows = []
+    for split, items in (("explain", [(t, True) for t in texts_active] + [(t, False) for t in texts_inactive]),
+                         ("test", test)):
+        for rank, (text, on) in enumerate(items):
+            rows.append({"target": "t", "set": "top", "layer": 2, "neuron": 5, "split": split, "rank": rank,
+                         "text": text, "tokens": ["<bos>"] + text.split(), "trimmed_activation": 1.0,
+                         "active_heads": [6] if on else [1], "head_scores": [0.0] * 8})
+    pair = {"target": "t", "set": "top", "layer": 2, "neuron": 5, "token": "red", "head_layer": 1, "head": 2, "share": 0.5}
+    return rows, pair
+
+
+def test_explaining_step_scores_held_out_prompts_and_skips_one_sided_pairs():
+    from saeray.interp.rules import RuleExplainer
+    from saeray.sweeps.lookup_explain import explain_item
+
+    act, ina = ['mia says " the cow is red', 'liam says " a red'], ['the cow is red', 'ava sees a red']
+    test = [('ivy says " the cup is red', True), ('the cup is red', False), ('the hat is red', True),
+            ('noah says " so red', False)]
+    rows, pair = _rows(act, ina, test)
+    out, cls = explain_item(rows, [pair], RuleExplainer(), "offline-rules")
+    (r,) = out
+    assert r["explanation"].endswith("(rule: quote)") and r["skipped"] == ""
+    # truth [T, F, T, F]; the rule answers [yes, no, no, yes]: TPR 1/2, TNR 1/2
+    assert (r["tp"], r["fn"], r["tn"], r["fp"], r["unparsed"]) == (1, 1, 1, 1, 0) and r["score"] == 0.5
+    assert [c["truth"] for c in cls] == [True, False, True, False]
+    assert [c["prediction"] for c in cls] == [True, False, False, True]
+    rows, pair = _rows(act, ina, [(t, True) for t, _ in test])
+    out, cls = explain_item(rows, [pair], RuleExplainer(), "offline-rules")
+    assert out[0]["skipped"] == "held-out prompts all active" and math.isnan(out[0]["score"]) and cls == []
+
+
+def test_delphi_layout_names_a_pair_like_a_latent():
+    import json as _json
+
+    from saeray.sweeps.lookup_tables import delphi_files
+
+    row = {"set": "top", "layer": 3, "neuron": 17, "head_layer": 1, "head": 2, "explanation": 'When "quoted".'}
+    c = {"set": "top", "layer": 3, "neuron": 17, "head_layer": 1, "head": 2, "rank": 0, "truth": True,
+         "prediction": None, "tokens": ["a", "b"], "activations": [0.0, 2.0]}
+    files = delphi_files([row], [c])
+    assert _json.loads(files["explanations/mlp_post.3.head1.2_latent17.txt"]) == 'When "quoted".'
+    (s,) = _json.loads(files["scores/detection/mlp_post.3.head1.2_latent17.txt"])
+    assert s["activating"] is True and s["prediction"] is None and s["correct"] is None and s["str_tokens"] == ["a", "b"]
+    # delphi reads the module and the latent index back by splitting on "_latent"
+    name = "mlp_post.3.head1.2_latent17"
+    assert name.rsplit("_latent", 1) == ["mlp_post.3.head1.2", "17"]

@@ -20,6 +20,8 @@ Policy (ours, not the transport's)
 * **Concurrency**: at most ``max_concurrency`` requests of one client are in flight at once, from
   :meth:`LLMClient.chat_many` and from any number of threads calling :meth:`LLMClient.chat` (one
   semaphore per client). A request holds its slot for one attempt, not while it backs off.
+* **Rate**: with ``requests_per_s`` set, request starts (retries included) are spaced at least
+  ``1 / requests_per_s`` seconds apart, whichever thread sends them.
 * **The API key** is read from the environment variable named by ``api_key_env`` (the config holds
   the variable's *name*, never the value). It is sent only as the ``Authorization`` header; it is
   never logged, and every text that reaches a log record or an exception (including a server's
@@ -98,6 +100,7 @@ class LLMConfig:
     max_concurrency: int = 4
     temperature: float = 0.0
     max_tokens: int = 256
+    requests_per_s: float | None = None   # at most this many request starts per second (None: no limit)
 
     def __post_init__(self):
         if not self.base_url.startswith(("http://", "https://")):
@@ -116,6 +119,8 @@ class LLMConfig:
             raise InputError(f"llm.max_concurrency: must be an integer >= 1, got {self.max_concurrency!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InputError(f"llm.max_tokens: must be an integer >= 1, got {self.max_tokens!r}")
+        if self.requests_per_s is not None and not self.requests_per_s > 0:
+            raise InputError(f"llm.requests_per_s: must be > 0 (or unset), got {self.requests_per_s!r}")
         if self.temperature < 0:
             raise InputError(f"llm.temperature: must be >= 0, got {self.temperature!r}")
         if self.api_key_env is not None and not self.api_key_env:
@@ -151,6 +156,8 @@ class LLMClient:
                                  "(or empty); export the API key there")
         self._secret = key  # only used to scrub texts; never formatted
         self._slots = threading.BoundedSemaphore(config.max_concurrency)
+        self._pace = threading.Lock()
+        self._next_start = 0.0
         self._client = openai.OpenAI(
             api_key=key or _PLACEHOLDER_KEY,
             base_url=config.base_url,
@@ -222,6 +229,7 @@ class LLMClient:
             attempt += 1
             try:
                 with self._slots:
+                    self._wait_turn()
                     return self._attempt(messages, params)
             except _Failure as f:
                 failure = f
@@ -265,6 +273,18 @@ class LLMClient:
             raise _Failure("the server answered 200 without a message (no choices or no content)",
                            retryable=False, status_code=200)
         return content
+
+    def _wait_turn(self) -> None:
+        """Space request starts ``1 / requests_per_s`` apart across this client's threads (retries
+        included: a provider's rate limit counts them too)."""
+        if self.config.requests_per_s is None:
+            return
+        with self._pace:
+            now = time.monotonic()
+            start = max(now, self._next_start)
+            self._next_start = start + 1.0 / self.config.requests_per_s
+        if start > now:
+            time.sleep(start - now)
 
     def _backoff(self, retry: int, retry_after: float | None) -> float:
         cfg = self.config

@@ -47,7 +47,7 @@ def open_run(spec: AuditSpec, store_url: str | None = None, revision: str | None
 
 def run_targets(rc: RunContext, stages: list[str], address: str | None = None) -> dict[str, dict[str, Any]]:
     """Run ``stages`` (and what they need) for every target; {target id: {stage: result}}."""
-    chain = select(stages)
+    chain = select(stages, rc.resolved)
     check_all(rc.resolved, rc.targets, chain)
     if rc.manifest is None:
         rc.manifest = Manifest.load_or_create(rc.store, rc.spec.name, rc.spec.to_dict(), rc.spec.hash())
@@ -60,7 +60,7 @@ def run_targets(rc: RunContext, stages: list[str], address: str | None = None) -
         ctx = rc.target(t)
         results: dict[str, Any] = {}
         for st in chain:
-            results[st.name] = run_stage(ctx, st, {n: results[n] for n in st.needs})
+            results[st.name] = run_stage(ctx, st, {n: results[n] for n in st.needs_of(rc.resolved)})
         return results
 
     if len(rc.targets) == 1:

@@ -70,6 +70,11 @@ class Stage:
     run: Callable[[TargetContext, dict], Any]
     result: type
     incremental: bool = False
+    # the needs for a given spec, when they depend on it (a look-up sweep needs no SAEs); default: needs
+    needs_for: Callable[[Any], tuple[str, ...]] | None = None
+
+    def needs_of(self, spec) -> tuple[str, ...]:
+        return self.needs if self.needs_for is None else self.needs_for(spec)
 
 
 def registry() -> dict[str, Stage]:
@@ -82,15 +87,15 @@ def registry() -> dict[str, Stage]:
     return {s.name: s for s in (harvest, train, evaluate, sweeps)}
 
 
-def select(names: list[str]) -> list[Stage]:
-    """``names`` and everything they need, in registry order."""
+def select(names: list[str], spec=None) -> list[Stage]:
+    """``names`` and everything they need (for ``spec``), in registry order."""
     reg = registry()
     want: set[str] = set()
 
     def add(n: str) -> None:
         if n not in want:
             want.add(n)
-            for m in reg[n].needs:
+            for m in (reg[n].needs if spec is None else reg[n].needs_of(spec)):
                 add(m)
 
     for n in names:

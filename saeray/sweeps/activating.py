@@ -27,8 +27,8 @@ def top_activating(model, ids: np.ndarray, keep: np.ndarray, neurons: list[tuple
     dev = next(model.parameters()).device
     best: dict[tuple[int, int], list[Hit]] = {n: [] for n in neurons}
     for a in range(0, len(ids), batch):
-        x = torch.from_numpy(np.asarray(ids[a:a + batch])).to(dev)
-        k = torch.from_numpy(np.asarray(keep[a:a + batch])).to(dev)
+        x = torch.from_numpy(np.array(ids[a:a + batch])).to(dev)      # a copy: store arrays are read-only
+        k = torch.from_numpy(np.array(keep[a:a + batch])).to(dev)
         acts = model(x, capture=names, logits=False).acts
         for l, i in neurons:
             v = acts[f"mlp_post.{l}"][..., i].float().masked_fill(~k, float("-inf"))

@@ -126,13 +126,15 @@ def to_parquet(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def read_table(store, sweep: str, table: str) -> pa.Table:
-    """Every finished item's rows of one table of one sweep of one target."""
+def read_table(store, sweep: str, table: str, schema: pa.Schema | None = None, records: str = "items") -> pa.Table:
+    """Every finished item's rows of one table of one sweep of one target (finished: recorded in
+    ``_records/<records>``)."""
     from ..run.records import Records
 
-    done = Records(store / f"sweeps/{sweep}", "items").names()
-    parts = [pq.read_table(io.BytesIO(store.read_bytes(f"sweeps/{sweep}/{table}/{i}.parquet"))) for i in sorted(done)]
-    return pa.concat_tables(parts) if parts else SCHEMAS[table].empty_table()
+    done = Records(store / f"sweeps/{sweep}", records).names()
+    parts = [pq.read_table(io.BytesIO(store.read_bytes(f"sweeps/{sweep}/{table}/{i}.parquet"))) for i in sorted(done)
+             if store.exists(f"sweeps/{sweep}/{table}/{i}.parquet")]
+    return pa.concat_tables(parts) if parts else (schema or SCHEMAS[table]).empty_table()
 
 
 # ---- figures for the report ---------------------------------------------------------------------

@@ -56,3 +56,37 @@ def induction_scores(model, seq_len: int = 32, batch: int = 8, seed: int = 0, bo
     q = torch.arange(off + seq_len, off + 2 * seq_len - 1)        # second copy, token j (all but the last)
     k = q - seq_len + 1                                             # first copy, token j + 1
     return torch.stack([pats[l][:, :, q, k].mean((0, 2)) for l in sorted(pats)])
+
+
+@torch.no_grad()
+def copy_attention(model, docs) -> torch.Tensor:
+    """[layers, heads]: on storyworld documents, mean attention from the token before each recalled
+    code word to that word's first occurrence (the textbook induction step: "code zib tok ... code
+    zib →" attends to "tok"). The same pattern as :func:`induction_scores`, on text the model was
+    trained on instead of random sequences."""
+    import numpy as np
+
+    got = []
+    for d in docs:
+        T = min(len(d.tokens), model.config.max_position_embeddings)
+        at = [p for p in np.nonzero(d.labels["is_copy_target"][:T])[0] if d.labels["copy_kind"][p] == "code"]
+        if not at:
+            continue
+        pats = attention_patterns(model, torch.tensor([d.token_ids[:T]]))
+        P = torch.stack([pats[l][0] for l in sorted(pats)])        # [layers, heads, query, key]
+        got += [P[:, :, p - 1, int(d.labels["copy_src"][p])] for p in at]
+    if not got:
+        raise ValueError("no recalled code words in these documents")
+    return torch.stack(got).mean(0)
+
+
+def head_induction(model, bos: int | None, vocab: tuple[int, int] | None, storyworld_seed: int | None = None,
+                   seq_len: int = 32, batch: int = 8, n_docs: int = 64) -> dict:
+    """Both induction measurements as lists: ``random`` (repeated random sequences over ``vocab``)
+    and, on storyworld, ``docs`` (:func:`copy_attention` over held-out documents)."""
+    out = {"random": induction_scores(model, seq_len, batch, bos=bos, vocab=vocab).tolist(), "docs": None}
+    if storyworld_seed is not None:
+        from ..storyworld.generator import iter_docs
+
+        out["docs"] = copy_attention(model, iter_docs(n_docs, storyworld_seed, "heldout")).tolist()
+    return out

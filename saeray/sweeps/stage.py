@@ -28,14 +28,27 @@ class SweepsResult(Result):
     sweeps: dict = field(default_factory=dict)   # name -> grid.summarize(...) + items, wall_s
 
 
+# the other method's settings, and an LLM's transport settings, change no result either
+_LOOKUPS_ONLY = ("lookups",)
+_GRADSAE_ONLY = ("prompts", "n_prompts", "min_prompt_len", "hookpoints", "saes", "experiments", "ks", "topk",
+                 "prompts_per_item", "gradsae")
+_LLM_FREE = ("api_key_env", "timeout_s", "max_retries", "max_concurrency", "requests_per_s")
+
+
 def identity(sw) -> dict:
-    return {k: v for k, v in sw.model_dump(mode="json").items() if k not in _FREE}
+    skip = _FREE + (_GRADSAE_ONLY if sw.method == "lookups" else _LOOKUPS_ONLY)
+    out = {k: v for k, v in sw.model_dump(mode="json").items() if k not in skip}
+    if sw.method == "lookups" and out["lookups"].get("llm"):
+        out["lookups"]["llm"] = {k: v for k, v in out["lookups"]["llm"].items() if k not in _LLM_FREE}
+    return out
 
 
 def key(spec, target) -> dict:
+    from ..harvest.stage import key as harvest_key
     from ..train.stage import key as train_key
 
-    return {**train_key(spec, target), "sweeps": {sw.name: identity(sw) for sw in spec.sweeps}}
+    base = train_key(spec, target) if needs_for(spec) else harvest_key(spec, target)
+    return {**base, "sweeps": {sw.name: identity(sw) for sw in spec.sweeps}}
 
 
 def _variants(spec) -> list[str]:
@@ -76,10 +89,15 @@ def _hookpoints(spec, sw, target, where: str) -> list[str]:
 def check(spec, targets) -> None:
     from . import prompts
 
-    if spec.sweeps and spec.sae is None:
-        raise InputError("sweeps: sweeps score SAE latents, but the spec has no 'sae:' section; add one")
     for i, sw in enumerate(spec.sweeps):
         where = f"sweeps[{i}] ({sw.name})"
+        if sw.method == "lookups":
+            from .lookup_run import check as check_lookups
+
+            check_lookups(spec, sw, targets, where)
+            continue
+        if spec.sae is None:
+            raise InputError(f"{where}: a gradsae sweep scores SAE latents, but the spec has no 'sae:' section; add one")
         _choose_saes(sw, _variants(spec), where)
         for t in targets:
             _hookpoints(spec, sw, t, where)
@@ -97,7 +115,7 @@ def check(spec, targets) -> None:
             raise InputError(f"{where}.prompts: two prompt sets share the name {names[0]!r}; rename a file")
 
 
-def _guard(store, sw) -> None:
+def guard(store, sw) -> None:
     """A sweep folder holds results of one setting: refuse to add items made with another."""
     ident = identity(sw)
     try:
@@ -122,7 +140,7 @@ def run_sweep(ctx: TargetContext, sw, trained, index: int) -> dict:
     hps = _hookpoints(spec, sw, target, where)
     saes = {hp: _choose_saes(sw, list(trained.saes.get(hp, {})), where) for hp in hps}
     store = ctx.store
-    _guard(store, sw)
+    guard(store, sw)
     tok = target.ref.tokenizer()
     sets = {}
     for src in sw.prompts:
@@ -163,10 +181,19 @@ def run_sweep(ctx: TargetContext, sw, trained, index: int) -> dict:
 
 
 def run(ctx: TargetContext, inputs: dict) -> SweepsResult:
-    trained = inputs["train"]
-    if not trained.saes and ctx.spec.sweeps:
+    from . import lookup_run
+
+    trained = inputs.get("train")
+    if (trained is None or not trained.saes) and any(sw.method == "gradsae" for sw in ctx.spec.sweeps):
         raise SaerayError(f"nothing to sweep for {ctx.target}: no trained SAEs")
-    return SweepsResult({sw.name: run_sweep(ctx, sw, trained, i) for i, sw in enumerate(ctx.spec.sweeps)})
+    return SweepsResult({sw.name: lookup_run.run(ctx, sw, i) if sw.method == "lookups" else run_sweep(ctx, sw, trained, i)
+                         for i, sw in enumerate(ctx.spec.sweeps)})
 
 
-STAGE = Stage("sweeps", needs=("train",), key=key, check=check, run=run, result=SweepsResult, incremental=True)
+def needs_for(spec) -> tuple[str, ...]:
+    """Only GradSAE sweeps read SAEs; look-ups read the model alone."""
+    return ("train",) if any(sw.method == "gradsae" for sw in spec.sweeps) or not spec.sweeps else ()
+
+
+STAGE = Stage("sweeps", needs=("train",), key=key, check=check, run=run, result=SweepsResult, incremental=True,
+              needs_for=needs_for)
