@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from typing import Optional
@@ -51,9 +52,20 @@ def _global(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def _finite(x):
+    """NaN and infinities as null: strict JSON (jq, JavaScript) has no NaN."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def print_json(obj: dict) -> None:
-    """The last line of a --json command: one JSON object on stdout."""
-    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    """The last line of a --json command: one strict JSON object on stdout (NaN as null)."""
+    sys.stdout.write(json.dumps(_finite(obj), default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

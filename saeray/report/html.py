@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import base64
 import html
+import logging
 import math
+from typing import Callable
 
 from ..evaluate.concepts import F1_FOUND
 from .markup import table
 from .plots import tradeoff_png
 from .sweeps import render_html as render_sweeps
+
+log = logging.getLogger("saeray")
 
 COLUMNS = (("target", "target"), ("hookpoint", "hook point"), ("arch", "arch"), ("width", "width"), ("k", "k"), ("l1", "l1"),
            ("l0", "L0"), ("fvu", "FVU"), ("ce_loss_recovered", "CE recovered"), ("kl", "KL"),
@@ -21,7 +25,9 @@ COLUMNS = (("target", "target"), ("hookpoint", "hook point"), ("arch", "arch"), 
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f3f3f3}td.l{text-align:left;white-space:nowrap}img{max-width:100%;margin:0.5em 0}.muted{color:#777}"""
+th{background:#f3f3f3}td.l{text-align:left;white-space:nowrap}img{max-width:100%;margin:0.5em 0}.muted{color:#777}
+td.w{text-align:left;white-space:normal}th.l,th.w{text-align:left}table.lk{width:100%}table.lk th.w{width:62%}
+mark{background:#ffe08a;padding:0 2px}p.lk{margin:1.6em 0 0}p.lk+table{margin-top:0.4em}"""
 
 
 def _fmt(v) -> str:
@@ -42,8 +48,11 @@ def _img(png: bytes | None, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def render(summary: dict, eval_details: dict[str, dict] | None = None) -> tuple[str, dict[str, bytes]]:
-    """The page and the PNGs (also written next to it, for people who want the files)."""
+def render(summary: dict, eval_details: dict[str, dict] | None = None,
+           sweep_tables: Callable[[str, str], dict | None] | None = None) -> tuple[str, dict[str, bytes]]:
+    """The page and the PNGs (also written next to it, for people who want the files).
+    ``sweep_tables(target id, sweep name)``: a sweep's tables for the sections that show rows
+    (look-ups), or None; see :func:`tables_reader`."""
     rows = summary["saes"]
     pngs = {}
     p1 = tradeoff_png(rows, "fvu", "FVU (1 − explained variance)", "Sparsity vs reconstruction")
@@ -88,10 +97,28 @@ def render(summary: dict, eval_details: dict[str, dict] | None = None) -> tuple[
                       for c in names]
         parts.append(_table(header, table_rows))
     for tid, sw in summary.get("sweeps", {}).items():
-        parts.append(render_sweeps(tid, sw))
+        parts.append(render_sweeps(tid, sw, sweep_tables))
     parts.append("<p class=muted>Files: summary.json (this table); targets/&lt;model&gt;@&lt;revision&gt;/eval.json "
                  "(per-concept detail).</p>")
     return "\n".join(parts), pngs
+
+
+def tables_reader(run, summary: dict) -> Callable[[str, str], dict | None]:
+    """(target id, sweep name) -> that look-up sweep's tables read from the run folder ``run`` (a
+    Store), or None when they cannot be read (the section then shows its figures only)."""
+    folders = {t["target"]: t["folder"] for t in summary.get("targets", [])}
+
+    def read(tid: str, name: str) -> dict | None:
+        from ..sweeps.lookup_run import tables
+
+        if tid not in folders:
+            return None
+        try:
+            return tables(run / folders[tid], name)
+        except Exception as e:  # noqa: BLE001 - a report with the figures beats no report
+            log.warning(f"report: the tables of sweep {name} in {tid} could not be read ({e}); figures only")
+            return None
+    return read
 
 
 def report_stage(rc) -> dict:
@@ -105,7 +132,7 @@ def report_stage(rc) -> dict:
         rel = f"{t['folder']}/eval.json"
         if run.exists(rel):
             details[t["target"]] = run.read_json(rel)
-    page, pngs = render(summary, details)
+    page, pngs = render(summary, details, tables_reader(run, summary))
     for name, data in pngs.items():
         run.write_bytes(f"report/{name}", data)
     run.write_bytes("report/index.html", page.encode())

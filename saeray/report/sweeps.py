@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import math
+from typing import Callable
 
 from .markup import table
 
@@ -71,9 +72,16 @@ def _table(header: list[str], rows: list[list], left: int = 1) -> str:
     return table(header, rows, _fmt, left)
 
 
-def render_html(target: str, sweeps: dict) -> str:
-    parts = []
+def render_html(target: str, sweeps: dict, tables: Callable[[str, str], dict | None] | None = None) -> str:
+    """``tables(target, sweep name)``: a look-up sweep's tables (:func:`saeray.sweeps.lookup_run.tables`)
+    or None; without it a look-up sweep shows its figures only."""
+    from .lookups import render_html as render_lookups
+
+    parts, note_at = [], None
     for name, res in sweeps.items():
+        if res.get("method") == "lookups":
+            parts.append(render_lookups(target, name, res, tables(target, name) if tables else None))
+            continue
         parts.append(f"<h2>Sweep {html.escape(name)} in {html.escape(target)}</h2>")
         if "error_term" in res:
             parts.append(f"<p>SAE spliced with its error term {'kept' if res['error_term'] else 'dropped (as the paper)'}; "
@@ -98,18 +106,25 @@ def render_html(target: str, sweeps: dict) -> str:
             for (sae, ps), (ks, rows) in pivot(res.get(kind, [])).items():
                 parts.append(f"<h3>{title}: {html.escape(sae)} on {html.escape(ps)}</h3><p class=muted>{html.escape(note)}</p>")
                 parts.append(_table(["hook point", "setting", "method"] + [f"K={k}" for k in ks], rows, left=3))
-    if parts:
-        parts.append("<p class=muted>ρ: Spearman between a score and the exact effect of zeroing each active latent at "
-                     "every position (y unedited − y ablated); y is the sweep's output (default: the answer's probability). GradSAE: mean over positions "
-                     "of relu(∂y/∂f·f); signed: Σ ∂y/∂f·f; IG: integrated gradients; activation: mean activation. "
-                     "Speed-up: exact ablation's time over GradSAE's for the same latents. Pearson r and per-prompt rows: "
-                     "summary.json and targets/&lt;target&gt;/sweeps/&lt;sweep&gt;/ (Parquet; docs/store.md).</p>")
+        note_at = len(parts)
+    if note_at is not None:     # the GradSAE sweeps' footnote, after the last of them
+        parts.insert(note_at, "<p class=muted>ρ: Spearman between a score and the exact effect of zeroing each active "
+                     "latent at every position (y unedited − y ablated); y is the sweep's output (default: the answer's "
+                     "probability). GradSAE: mean over positions of relu(∂y/∂f·f); signed: Σ ∂y/∂f·f; IG: integrated "
+                     "gradients; activation: mean activation. Speed-up: exact ablation's time over GradSAE's for the "
+                     "same latents. Pearson r and per-prompt rows: summary.json and "
+                     "targets/&lt;target&gt;/sweeps/&lt;sweep&gt;/ (Parquet; docs/store.md).</p>")
     return "\n".join(parts)
 
 
 def render_text(target: str, sweeps: dict) -> str:
+    from .lookups import render_text as render_lookups
+
     lines = []
     for name, res in sweeps.items():
+        if res.get("method") == "lookups":
+            lines.append(render_lookups(target, name, res))
+            continue
         lines.append(f"sweep {name} — {target}")
         for r in agreement_rows(res):
             lines.append(f"  {r['hookpoint']} {r['sae']} {r['prompt_set']}: {r['correct']}/{r['prompts']} prompts kept; "
