@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import uuid
 from pathlib import Path
 
@@ -101,7 +102,6 @@ def run_and_kill_child(fn, marker: str, ready, which: int = 0, timeout: float = 
     """Run ``fn()`` in a thread; once ``ready()`` is true and a new descendant process named
     ``marker`` exists, SIGKILL one of them (``which`` indexes the new ones, oldest first). Returns
     (the killed PID or None, {"out": fn's result} or {"err": its exception})."""
-    import signal
     import threading
     import time
 
@@ -127,6 +127,25 @@ def run_and_kill_child(fn, marker: str, ready, which: int = 0, timeout: float = 
         time.sleep(0.05)
     th.join(join_timeout)
     return killed, result
+
+
+def kill_cli_midway(args: list[str], done, at_least: int, timeout: float = 240) -> tuple[bool, int]:
+    """Run ``python -m saeray *args`` in its own process group, SIGKILL the group once ``done()``
+    reaches ``at_least``; (was it still running when killed, ``done()`` at the kill)."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "saeray", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and done() < at_least:
+        time.sleep(0.02)
+    n = done()
+    alive = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return alive, n
 
 
 def has(cmd: str) -> bool:

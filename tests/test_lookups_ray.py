@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -20,6 +17,8 @@ import yaml
 from saeray.errors import InputError
 from saeray.run.audit import open_run, run_targets
 from saeray.spec import parse_spec
+
+from conftest import kill_cli_midway
 
 pytestmark = pytest.mark.slow
 TABLES = ("neurons", "activating", "pairs", "ablation", "explanations", "classifications", "induction")
@@ -93,16 +92,8 @@ def test_lookup_sweep_writes_its_tables_and_a_killed_driver_resumes(ray_local, t
     spec_file = tmp_path / "kd.yaml"
     spec_file.write_text(yaml.safe_dump(d2))
     gcs = ray_local.get_runtime_context().gcs_address
-    proc = subprocess.Popen([sys.executable, "-m", "saeray", "--address", gcs, "sweep", str(spec_file)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     kd = tmp_path / "kd"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None and _records(kd) < 2:
-        time.sleep(0.02)
-    done_at_kill = _records(kd)
-    alive = proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    alive, done_at_kill = kill_cli_midway(["--address", gcs, "sweep", str(spec_file)], lambda: _records(kd), 2)
     assert alive and 2 <= done_at_kill < 6, f"killed with {done_at_kill} of 6 items done"
     run_targets(open_run(parse_spec(json.dumps(d2))), ["sweeps"])
     assert _tables(kd) == ref

@@ -5,11 +5,8 @@ anything runs."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -20,7 +17,7 @@ from saeray.errors import InputError
 from saeray.run.audit import open_run, run_audit, run_targets
 from saeray.spec import parse_spec
 
-from conftest import run_and_kill_child
+from conftest import kill_cli_midway, run_and_kill_child
 
 pytestmark = pytest.mark.slow
 TABLES = ("prompts", "latents", "masking", "steering")
@@ -109,16 +106,8 @@ def test_sweep_killed_and_rerun_equals_uninterrupted(ray_local, tiny_model, tmp_
     spec_file = tmp_path / "kd.yaml"
     spec_file.write_text(yaml.safe_dump(d2))
     gcs = ray_local.get_runtime_context().gcs_address
-    proc = subprocess.Popen([sys.executable, "-m", "saeray", "--address", gcs, "sweep", str(spec_file)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     root = tmp_path / "kd" / "sw"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None and _records(root) < 3:
-        time.sleep(0.02)
-    done_at_kill = _records(root)
-    alive = proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    alive, done_at_kill = kill_cli_midway(["--address", gcs, "sweep", str(spec_file)], lambda: _records(root), 3)
     assert alive and 3 <= done_at_kill < 24, f"killed with {done_at_kill} of 24 items done"
     run_targets(open_run(parse_spec(json.dumps(d2))), ["sweeps"])
     assert _tables(root) == ref

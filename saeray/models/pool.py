@@ -70,6 +70,37 @@ class Job(Protocol):
     def finish(self, item: str) -> Any: ...
 
 
+class DirectJob:
+    """Base of a *direct* job: the worker hands it its whole-model stage in ``run(payload)`` (its
+    work is many dependent passes, not one forward per batch); the per-batch hooks of an ordinary
+    job are unused."""
+
+    direct = True
+    logits = True
+    grad = False
+
+    def begin(self, item: str) -> None:
+        self.out: list = []
+
+    def run(self, payload: dict) -> Any:
+        raise NotImplementedError
+
+    def finish(self, item: str) -> list:
+        return self.out
+
+    def capture(self, payload: dict) -> list[str]:
+        return []
+
+    def interventions(self, payload: dict):
+        return None
+
+    def on_acts(self, payload: dict, acts: dict) -> None:
+        pass
+
+    def on_output(self, payload: dict, output: torch.Tensor):
+        return None
+
+
 @dataclass(frozen=True)
 class Load:
     """Which checkpoint to load and how (everything a worker needs besides its layer range)."""

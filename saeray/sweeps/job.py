@@ -17,6 +17,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from ..models.pool import DirectJob
 from .ablation import exact_effects
 from .agreement import agreement
 from .gradsae import GradOptions, integrated, scores
@@ -85,11 +86,9 @@ def run_prompt(model, sae, hookpoint: str, p: dict, partner: dict | None, experi
     return res
 
 
-class SweepJob:
+class SweepJob(DirectJob):
     """The pool job: holds the SAEs of its sweep, loaded on first use."""
 
-    direct = True     # PoolWorker hands the whole-model stage to run() instead of one forward
-    logits = True
     grad = True
 
     def __init__(self, stage, device: torch.device, saes: dict[str, dict[str, str]]):
@@ -105,9 +104,6 @@ class SweepJob:
             self._saes[(hp, name)] = io.load(self.paths[hp][name], device=str(self.device)).eval()
         return self._saes[(hp, name)]
 
-    def begin(self, item: str) -> None:
-        self.out: list[dict] = []
-
     def run(self, payload: dict) -> int:
         sae = self.sae(payload["hookpoint"], payload["sae"])
         opt = GradOptions(**payload["options"])
@@ -116,19 +112,3 @@ class SweepJob:
             self.out.append(run_prompt(self.model, sae, payload["hookpoint"], p, partner, payload["experiments"],
                                        payload["ks"], opt, payload["exact_batch"], payload["topk"]))
         return len(self.out)
-
-    def finish(self, item: str) -> list[dict]:
-        return self.out
-
-    # the pipeline hooks of an ordinary job: unused by a direct job
-    def capture(self, payload: dict) -> list[str]:
-        return []
-
-    def interventions(self, payload: dict):
-        return None
-
-    def on_acts(self, payload: dict, acts: dict) -> None:
-        pass
-
-    def on_output(self, payload: dict, output: torch.Tensor):
-        return None

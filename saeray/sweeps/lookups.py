@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..models.pool import DirectJob
 from .activating import top_activating
 from .heads import ACTIVE_SIGMAS, PAIR_RANGE, ablation_effects, active, head_scores, pairs
 from .trim import KEEP, trim
@@ -120,13 +121,9 @@ def run_item(model, layer: int, neurons: list[dict], explain, test, bos: int | N
     return out
 
 
-class LookupJob:
+class LookupJob(DirectJob):
     """The pool job (direct: it drives the whole-model stage itself). A payload is one item:
     ``{"kind": "neurons", set, layer, batch, ...}`` or ``{"kind": "induction", ...}``."""
-
-    direct = True
-    logits = True
-    grad = False
 
     def __init__(self, stage, device: torch.device, ref, word_level: bool):
         if not (stage.is_first and stage.is_last):
@@ -150,9 +147,6 @@ class LookupJob:
             return self._ctx
         return c
 
-    def begin(self, item: str) -> None:
-        self.out: list = []
-
     def run(self, payload: dict) -> int:
         if payload["kind"] == "induction":
             from .induction import head_induction
@@ -168,19 +162,3 @@ class LookupJob:
         self.out.extend(run_item(self.model, payload["layer"], ns, (c["explain_ids"], c["explain_keep"]),
                                  (c["test_ids"], c["test_keep"]), c["bos"], opt))
         return len(self.out)
-
-    def finish(self, item: str) -> list:
-        return self.out
-
-    # the pipeline hooks of an ordinary job: unused by a direct job
-    def capture(self, payload: dict) -> list[str]:
-        return []
-
-    def interventions(self, payload: dict):
-        return None
-
-    def on_acts(self, payload: dict, acts: dict) -> None:
-        pass
-
-    def on_output(self, payload: dict, output: torch.Tensor):
-        return None
