@@ -203,6 +203,9 @@ class LookupOptions(_Strict):
     n_prompts: int = Field(20, ge=2, description="activating prompts per neuron to explain from (paper: 20)")
     n_test: int = Field(10, ge=1, description="held-out prompts per neuron to score on (paper: 10)")
     max_prompt_len: int = Field(100, ge=2, description="trimmed prompts longer than this are dropped (paper: 100)")
+    max_pairs_per_neuron: Optional[int] = Field(None, ge=1, description="explain at most this many of a neuron's "
+                                                "pairs, the heads with the largest mean attribution first (default: all, "
+                                                "as the paper; a budget for a slow explainer)")
     explain_contexts: int = Field(512, ge=1, description="corpus contexts searched for explanation prompts")
     test_contexts: int = Field(256, ge=1, description="further corpus contexts searched for held-out prompts")
     explainer: Literal["offline", "llm"] = Field("offline", description="offline: storyworld's rule explainer; "

@@ -35,15 +35,35 @@ def input_direction(model, layer: int, neuron: int) -> torch.Tensor:
     return w * gamma.detach().float() if gamma is not None else w
 
 
+def padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one right-padded batch and each one's last index: with
+    causal attention and positions counted from 0, padding after a prompt changes nothing in it."""
+    x = torch.zeros((len(seqs), max(len(s) for s in seqs)), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        x[r, :len(s)] = torch.tensor(s)
+    return x.to(device), torch.tensor([len(s) - 1 for s in seqs], device=device)
+
+
 @torch.no_grad()
-def head_scores(model, ids: list[int], layer: int, neuron: int) -> torch.Tensor:
-    """[layer, n_heads]: every earlier head's write along the neuron's input, at the last position."""
+def head_scores_batch(model, seqs: list[list[int]], layer: int, neuron: int, chunk: int = 4) -> torch.Tensor:
+    """[prompts, layer, n_heads]: :func:`head_scores` of many prompts, ``chunk`` per forward (every
+    head's output is captured at every position: memory grows with heads × tokens)."""
     arch = view(model)
     names = [f"attn_head_out.{l}.{h}" for l in range(layer) for h in range(arch.n_heads)]
-    out = model(torch.tensor([ids], device=next(model.parameters()).device), capture=names, logits=False)
-    w = input_direction(model, layer, neuron).to(out.output.device)
-    s = torch.stack([out.acts[n][0, -1].float() @ w for n in names])
-    return s.view(layer, arch.n_heads)
+    dev = next(model.parameters()).device
+    w = input_direction(model, layer, neuron).to(dev)
+    out = []
+    for a in range(0, len(seqs), chunk):
+        x, last = padded(seqs[a:a + chunk], dev)
+        acts = model(x, capture=names, logits=False).acts
+        rows = torch.arange(len(x), device=dev)
+        out.append(torch.stack([acts[n][rows, last].float() @ w for n in names], 1))
+    return torch.cat(out).view(len(seqs), layer, arch.n_heads).cpu()
+
+
+def head_scores(model, ids: list[int], layer: int, neuron: int) -> torch.Tensor:
+    """[layer, n_heads]: every earlier head's write along the neuron's input, at the last position."""
+    return head_scores_batch(model, [ids], layer, neuron)[0]
 
 
 def active(scores: torch.Tensor, sigmas: float = ACTIVE_SIGMAS) -> torch.Tensor:
@@ -60,16 +80,28 @@ def pairs(active_per_prompt: list[torch.Tensor], lo: float = PAIR_RANGE[0], hi: 
 
 
 @torch.no_grad()
-def ablation_effects(model, ids: list[int], token_id: int, heads: list[tuple[int, int]]) -> list[float]:
-    """For each (layer, head): p(token | prompt) − p(token | prompt, that head's output zeroed), at
-    the last position."""
+def ablation_effects_batch(model, seqs: list[list[int]], token_id: int, heads: list[tuple[int, int]],
+                           chunk: int = 32) -> torch.Tensor:
+    """[heads, prompts]: p(token | prompt) − p(token | prompt, that head's output zeroed), at each
+    prompt's last position; one batched forward per head and chunk of prompts."""
     from ..models.hooks import zero_ablate
 
-    x = torch.tensor([ids], device=next(model.parameters()).device)
+    dev = next(model.parameters()).device
+    out = torch.zeros(len(heads), len(seqs))
+    for a in range(0, len(seqs), chunk):
+        x, last = padded(seqs[a:a + chunk], dev)
+        rows = torch.arange(len(x), device=dev)
 
-    def p(interventions=None) -> float:
-        out = model(x, interventions=interventions, logits=False).output
-        return float(torch.softmax(logits_at_last(model, out), -1)[0, token_id])
+        def p(interventions=None) -> torch.Tensor:
+            h = model(x, interventions=interventions, logits=False).output[rows, last][:, None]
+            return torch.softmax(logits_at_last(model, h).float(), -1)[:, token_id].cpu()
 
-    base = p()
-    return [base - p({f"attn_head_out.{l}.{h}": zero_ablate()}) for l, h in heads]
+        base = p()
+        for k, (l, h) in enumerate(heads):
+            out[k, a:a + len(x)] = base - p({f"attn_head_out.{l}.{h}": zero_ablate()})
+    return out
+
+
+def ablation_effects(model, ids: list[int], token_id: int, heads: list[tuple[int, int]]) -> list[float]:
+    """:func:`ablation_effects_batch` of one prompt."""
+    return ablation_effects_batch(model, [ids], token_id, heads)[:, 0].tolist()

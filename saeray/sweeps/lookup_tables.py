@@ -90,8 +90,8 @@ def payload(opt, item: LookupItem, storyworld_seed: int | None, bos: int | None,
     n = opt.n_random if item.set == "random" else opt.n_per_layer
     return {"kind": "neurons", "set": item.set, "layer": item.layer, "batch": item.batch, "n": n,
             "per_item": opt.neurons_per_item, "seed": 0, "contexts": contexts,
-            "options": ItemOptions(n_prompts=opt.n_prompts, n_test=opt.n_test,
-                                   max_prompt_len=opt.max_prompt_len).to_dict()}
+            "options": ItemOptions(n_prompts=opt.n_prompts, n_test=opt.n_test, max_prompt_len=opt.max_prompt_len,
+                                   max_pairs=opt.max_pairs_per_neuron).to_dict()}
 
 
 def example_text(tok, ids: list[int], token_id: int, bos: int | None) -> str:

@@ -18,8 +18,8 @@ import torch
 
 from ..models.pool import DirectJob
 from .activating import top_activating
-from .heads import ACTIVE_SIGMAS, PAIR_RANGE, ablation_effects, active, head_scores, pairs
-from .trim import KEEP, trim
+from .heads import ACTIVE_SIGMAS, PAIR_RANGE, ablation_effects_batch, active, head_scores_batch, pairs
+from .trim import KEEP, trim_many
 
 
 @dataclass(frozen=True)
@@ -31,39 +31,59 @@ class ItemOptions:
     sigmas: float = ACTIVE_SIGMAS
     pair_lo: float = PAIR_RANGE[0]
     pair_hi: float = PAIR_RANGE[1]
+    max_pairs: int | None = None  # per neuron, the heads with the largest mean score first (None: all, the paper)
     batch: int = 16
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def activation_at_last(model, layer: int, neuron: int):
+@torch.no_grad()
+def activations_at_last(model, layer: int, neuron: int, seqs: list[list[int]], chunk: int = 32) -> list[float]:
+    """The neuron's activation at the last token of each prompt (right-padded batches)."""
+    from .heads import padded
+
     dev = next(model.parameters()).device
     name = f"mlp_post.{layer}"
+    out: list[float] = []
+    for a in range(0, len(seqs), chunk):
+        x, last = padded(seqs[a:a + chunk], dev)
+        acts = model(x, capture=[name], logits=False).acts[name]
+        out += acts[torch.arange(len(x), device=dev), last, neuron].float().tolist()
+    return out
 
-    @torch.no_grad()
-    def act(ids: list[int]) -> float:
-        out = model(torch.tensor([ids], device=dev), capture=[name], logits=False)
-        return float(out.acts[name][0, -1, neuron])
-    return act
+
+def activation_at_last(model, layer: int, neuron: int):
+    """``ids -> activation at the last token``, for one prompt at a time."""
+    return lambda ids: activations_at_last(model, layer, neuron, [ids])[0]
 
 
-def _prompts(model, layer: int, neuron: int, hits, ids: np.ndarray, bos: int | None, opt: ItemOptions,
+def _prompts(model, layer: int, neuron: int, hits, ids: np.ndarray, bos: int | None, opt: "ItemOptions",
              split: str) -> list[dict]:
-    act = activation_at_last(model, layer, neuron)
-    out = []
+    """The hits as prompts: cut at the maximal token, trimmed (all of a neuron's binary searches in
+    lockstep, one batched forward per step), too long ones dropped."""
+    seqs, prefixes = [], []
     for h in hits:
         seq = [int(t) for t in ids[h.context, : h.position + 1]]
         prefix = [seq[0]] if bos is not None and seq and seq[0] == bos else []
-        body = seq[len(prefix):]
-        if not body:
-            continue
-        kept = trim(body, act, opt.keep, prefix) if h.value > 0 else body
-        if len(kept) > opt.max_prompt_len:
+        seqs.append(seq[len(prefix):])
+        prefixes.append(prefix)
+    act_many = lambda ss: activations_at_last(model, layer, neuron, ss)  # noqa: E731
+    todo = [k for k, h in enumerate(hits) if h.value > 0 and seqs[k]]
+    kept = {k: seqs[k] for k in range(len(hits))}
+    for pre in {tuple(prefixes[k]) for k in todo}:      # one lockstep search per prefix (BOS or none)
+        ks = [k for k in todo if tuple(prefixes[k]) == pre]
+        for k, t in zip(ks, trim_many([seqs[k] for k in ks], act_many, opt.keep, list(pre))):
+            kept[k] = t
+    out, full = [], []
+    for k, h in enumerate(hits):
+        if not seqs[k] or len(kept[k]) > opt.max_prompt_len:
             continue
         out.append({"split": split, "context": int(h.context), "position": int(h.position),
-                    "activation": float(h.value), "start": len(body) - len(kept),
-                    "ids": prefix + kept, "trimmed_activation": act(prefix + kept)})
+                    "activation": float(h.value), "start": len(seqs[k]) - len(kept[k]), "ids": prefixes[k] + kept[k]})
+        full.append(out[-1]["ids"])
+    for p, v in zip(out, act_many(full) if full else []):
+        p["trimmed_activation"] = v
     return out
 
 
@@ -102,19 +122,26 @@ def run_item(model, layer: int, neurons: list[dict], explain, test, bos: int | N
         ps = (_prompts(model, layer, i, top_e[(layer, i)], explain[0], bos, opt, "explain")
               + _prompts(model, layer, i, top_t[(layer, i)], test[0], bos, opt, "test"))
         masks = []
-        for p in ps:
-            s = head_scores(model, p["ids"], layer, i)
-            a = active(s, opt.sigmas)
-            p["head_scores"] = s.flatten().tolist()
-            p["active"] = a.flatten().tolist()
-            masks.append(a)
+        if ps:
+            scores = head_scores_batch(model, [p["ids"] for p in ps], layer, i)
+            for p, sc in zip(ps, scores):
+                a = active(sc, opt.sigmas)
+                p["head_scores"] = sc.flatten().tolist()
+                p["active"] = a.flatten().tolist()
+                masks.append(a)
         ex = [m for p, m in zip(ps, masks) if p["split"] == "explain"]
         chosen = pairs(ex, opt.pair_lo, opt.pair_hi) if ex else []
         n_heads = masks[0].shape[1] if masks else 0
         mean = torch.tensor([p["head_scores"] for p in ps if p["split"] == "explain"]).mean(0) if ex else None
         top_head = divmod(int(mean.argmax()), n_heads) if mean is not None else None
-        for p in ps:
-            p["effects"] = ablation_effects(model, p["ids"], n["token_id"], [(l, h) for l, h, _ in chosen])
+        if opt.max_pairs is not None and len(chosen) > opt.max_pairs:
+            # the heads that write most along the neuron's input, on average over its prompts
+            chosen = sorted(chosen, key=lambda c: -float(mean[c[0] * n_heads + c[1]]))[:opt.max_pairs]
+            chosen = sorted(chosen)
+        eff = ablation_effects_batch(model, [p["ids"] for p in ps], n["token_id"], [(l, h) for l, h, _ in chosen]) \
+            if ps and chosen else None
+        for j, p in enumerate(ps):
+            p["effects"] = eff[:, j].tolist() if eff is not None else []
         out.append({**n, "layer": layer, "n_heads": n_heads, "prompts": ps,
                     "pairs": [{"head_layer": l, "head": h, "share": s} for l, h, s in chosen],
                     "top_head": top_head})
