@@ -3,6 +3,7 @@
 or a Hugging Face model id — resolved to what ``from_pretrained`` takes."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,15 @@ class ModelRef:
         if name not in self.__dict__:
             object.__setattr__(self, name, make())
         return self.__dict__[name]
+
+    # Pickled (to a Ray actor or task) without what _once kept: a 50k-token tokenizer would make
+    # every actor's arguments an object-store entry, which Ray cannot restore when it restarts it.
+    def __getstate__(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __setstate__(self, state: dict) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
 
     def tokenizer(self) -> Any:
         from .errors import InputError
