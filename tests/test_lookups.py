@@ -372,3 +372,21 @@ def test_delphi_layout_names_a_pair_like_a_latent():
     # delphi reads the module and the latent index back by splitting on "_latent"
     name = "mlp_post.3.head1.2_latent17"
     assert name.rsplit("_latent", 1) == ["mlp_post.3.head1.2", "17"]
+
+
+def test_a_sweep_recorded_before_an_option_existed_still_resumes(tmp_path):
+    """An option added later defaults to the old behaviour: a record without it is read with the
+    default; a real change is still refused, naming the field."""
+    from saeray.errors import InputError
+    from saeray.spec import StoreSpec, SweepSpec
+    from saeray.store import Store
+    from saeray.sweeps.stage import guard, identity
+
+    store = Store.from_spec(StoreSpec(url=str(tmp_path)))
+    sw = SweepSpec(name="l", method="lookups")
+    old = identity(sw)
+    del old["lookups"]["max_pairs_per_neuron"]
+    store.write_json("sweeps/l/sweep.json", old)
+    guard(store, sw)
+    with pytest.raises(InputError, match=r"sweeps\.lookups changed"):
+        guard(store, SweepSpec(name="l", method="lookups", lookups={"max_pairs_per_neuron": 2}))

@@ -151,3 +151,28 @@ def test_lookup_spec_errors_name_the_field(tiny_model, tmp_path, lookups, msg):
     spec.write_text(yaml.safe_dump(d))
     r = subprocess.run([sys.executable, "-m", "saeray", "validate", str(spec)], capture_output=True, text=True)
     assert r.returncode == 2 and "lookups" in r.stderr and __import__("re").search(msg, r.stderr), r.stderr
+
+
+def test_bench_lookups_prints_its_figures_as_strict_json(ray_local, tiny_model, tmp_path):
+    d = spec_dict(tiny_model, str(tmp_path / "s"))
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump(d))
+    gcs = ray_local.get_runtime_context().gcs_address
+    r = subprocess.run([sys.executable, "-m", "saeray", "--address", gcs, "bench", "lookups", "--spec", str(spec_file),
+                        "--sweep", "l", "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def no_nan(c):
+        raise AssertionError(f"{c} in --json output: not strict JSON")
+    res = json.loads(r.stdout.strip().splitlines()[-1], parse_constant=no_nan)
+    for k in ("n_neurons", "n_pairs", "explanation_score_mean", "control_score_mean", "ks_d", "ks_p", "induction_match",
+              "copy_prompt_share", "explanation_score_parsed_mean"):
+        assert k in res, k
+    tabs = {t: [json.loads(x) for x in rows] for t, rows in _tables(tmp_path / "s").items()}
+    assert res["n_neurons"] == 4 and res["n_pairs"] == sum(p["set"] == "top" for p in tabs["pairs"])
+    scored = [e["score"] for e in tabs["explanations"] if e["set"] == "top" and not e["skipped"]]
+    assert res["explanation_score_mean"] == pytest.approx(sum(scored) / len(scored)) if scored else \
+        res["explanation_score_mean"] is None
+    assert set(res["targets"]) == {"explanation_score_mean>=0.7", "margin_over_control>=0.1", "induction_match>=0.8",
+                                   "ks_p<0.01"}
+    assert "Context look-ups on " in r.stdout and "neox@main, layers [3], explainer offline" in r.stdout

@@ -38,6 +38,25 @@ def _copy_labels(tabs, seed: int) -> dict:
     return {k: sum(v) / len(v) for k, v in share.items()}
 
 
+def parsed_only(classifications: list[dict], which: str) -> float:
+    """Mean over pairs of the balanced accuracy over the answers that parsed, as the authors'
+    notebook scores (it drops the others): beside the score that counts them wrong, to compare with
+    the paper's figures."""
+    from ..sweeps.agreement import nanmean
+
+    pairs: dict[tuple, list[dict]] = {}
+    for c in classifications:
+        if c["set"] == which and c["prediction"] is not None:
+            pairs.setdefault((c["layer"], c["neuron"], c["head_layer"], c["head"]), []).append(c)
+    out = []
+    for cs in pairs.values():
+        pos = [c["prediction"] for c in cs if c["truth"]]
+        neg = [not c["prediction"] for c in cs if not c["truth"]]
+        if pos and neg:
+            out.append((sum(pos) / len(pos) + sum(neg) / len(neg)) / 2)
+    return nanmean(out)
+
+
 def run_bench(spec_path: str = "jobs/storyworld.yaml", sweep: str = "lookups", address: str | None = None) -> dict:
     from ..run.audit import open_run, run_targets
     from ..spec import load_spec
@@ -71,8 +90,8 @@ def run_bench(spec_path: str = "jobs/storyworld.yaml", sweep: str = "lookups", a
            "induction_match_docs": cp.get("induction_match_docs", math.nan),
            "copy_neurons": cp.get("n_copy_neurons", 0), "induction_heads": cp.get("induction_heads"),
            "induction_heads_docs": cp.get("induction_heads_docs"), "wall_s": summ.get("wall_s")}
+    tabs = tables(rc.store / t.folder, sweep)
     if cp and rc.resolved.corpus.source == "storyworld":
-        tabs = tables(rc.store / t.folder, sweep)
         share = _copy_labels(tabs, rc.resolved.corpus.seed)
         out["copy_prompt_share"] = sum(share.values()) / len(share) if share else math.nan
         copying = [n for n in tabs["neurons"].to_pylist() if n["set"] == "copy"
@@ -84,7 +103,12 @@ def run_bench(spec_path: str = "jobs/storyworld.yaml", sweep: str = "lookups", a
             heads = lt.top_heads(ind, col, k)
             out[name] = (sum((n["top_head_layer"], n["top_head"]) in heads for n in copying) / len(copying)
                          if copying else math.nan)
+    for key, name in (("top", "explanation_score_parsed_mean"), ("random", "control_score_parsed_mean")):
+        out[name] = parsed_only(tabs["classifications"].to_pylist(), key)
     s, c = out["explanation_score_mean"], out["control_score_mean"]
+    if summ["explainer"] != "offline" or rc.resolved.corpus.source != "storyworld":
+        out["targets"] = {}         # the issue's targets are for storyworld with the offline explainer
+        return out
     out["targets"] = {"explanation_score_mean>=0.7": bool(s >= TARGETS["explanation_score_mean"]),
                       "margin_over_control>=0.1": bool(s - c >= TARGETS["score_margin"]),
                       "induction_match>=0.8": bool(out["induction_match"] >= TARGETS["induction_match"]),
@@ -102,7 +126,9 @@ def render(res: dict) -> str:
              f"{'random (control)':<22}{res['control_neurons']:>8}{res['control_pairs']:>7}{res['control_scored']:>7}"
              f"{f(res['control_score_mean']):>11}{f(res['control_score_std'], 2):>7}{f(res['control_ks_d']):>7}"
              f"{res['control_ks_p']:>10.2g}",
-             f"unparsed answers {res['unparsed']} of {res['classified']}"]
+             f"unparsed answers {res['unparsed']} of {res['classified']} (counted wrong); scores over parsed answers "
+             f"only, as the authors' notebook: {f(res['explanation_score_parsed_mean'])} / control "
+             f"{f(res['control_score_parsed_mean'])}"]
     if res.get("copy_neurons"):
         lines.append(f"copy targets: {res['copy_neurons']} neurons; induction match {f(res['induction_match'], 2)} "
                      f"(heads {res['induction_heads']}), on storyworld text {f(res['induction_match_docs'], 2)} "
@@ -111,5 +137,8 @@ def render(res: dict) -> str:
         lines.append(f"  their prompts ending before a copied word: {f(res['copy_prompt_share'], 2)}; neurons that copy "
                      f"(≥ half): {res['copying_neurons']}, induction match {f(res['induction_match_copying'], 2)} / "
                      f"on text {f(res['induction_match_copying_docs'], 2)}")
-    lines.append("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in res["targets"].items()))
+    if res["targets"]:
+        lines.append("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in res["targets"].items()))
+    else:
+        lines.append("targets: for storyworld with the offline explainer (docs/benchmarks.md); none here")
     return "\n".join(lines)

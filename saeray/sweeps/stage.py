@@ -115,6 +115,18 @@ def check(spec, targets) -> None:
             raise InputError(f"{where}.prompts: two prompt sets share the name {names[0]!r}; rename a file")
 
 
+def _with_defaults(old: dict, default: dict) -> dict:
+    """A sweep recorded by an older saeray lacks the options added since; each new option's default
+    is the behaviour before it existed, so the record is read with the defaults filled in."""
+    out = dict(old)
+    for k, v in default.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _with_defaults(out[k], v)
+    return out
+
+
 def guard(store, sw) -> None:
     """A sweep folder holds results of one setting: refuse to add items made with another."""
     ident = identity(sw)
@@ -123,6 +135,7 @@ def guard(store, sw) -> None:
     except FileNotFoundError:
         store.write_json(f"sweeps/{sw.name}/sweep.json", ident)
         return
+    old = _with_defaults(old, identity(type(sw)(name=sw.name, method=sw.method)))
     changed = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
     if changed:
         raise InputError(f"sweep {sw.name!r} in {store.url} was started with other settings "
