@@ -30,7 +30,7 @@ def layers_of(sw, target, where: str) -> list[int]:
     bad = [l for l in layers if not 1 <= l < n]
     if bad:
         raise InputError(f"{where}.lookups.layers: {bad} out of range; {target.model} has layers 0..{n - 1} and "
-                         "layer 0 has no earlier heads to attribute to, so use 1..{n - 1}".replace("{n - 1}", str(n - 1)))
+                         f"layer 0 has no earlier heads to attribute to, so use 1..{n - 1}")
     return list(layers)
 
 
@@ -51,11 +51,7 @@ def check(spec, sw, targets, where: str) -> None:
             raise InputError(f"{where}.lookups.copy_targets: the copy targets are storyworld's nonce code words; "
                              "turn it off for other corpora")
     if opt.explainer == "llm" and opt.llm.serve is not None:
-        from ..modelref import SMOLLM2
-
-        if opt.llm.serve != SMOLLM2 and not os.path.isdir(opt.llm.serve):
-            raise InputError(f"{where}.lookups.llm.serve: {opt.llm.serve!r} is neither {SMOLLM2} nor a local "
-                             "model folder")
+        _check_serve(opt.llm.serve, f"{where}.lookups.llm.serve")
     for t in targets:
         layers_of(sw, t, where)
 
@@ -163,15 +159,21 @@ def explain(ctx, sw, ids: list[str]) -> None:
     rec.consolidate()
 
 
+def _check_serve(name: str, where: str) -> None:
+    from ..modelref import SMOLLM2
+
+    if name != SMOLLM2 and not os.path.isdir(name):
+        raise InputError(f"{where}: {name!r} is neither {SMOLLM2} nor a local model folder")
+
+
 def serve_folder(name: str) -> str:
     from ..modelref import SMOLLM2
 
+    _check_serve(name, "lookups.llm.serve")
     if name == SMOLLM2:
         from ..models.smollm2 import resolve
 
         return str(resolve())
-    if not os.path.isdir(name):
-        raise InputError(f"lookups.llm.serve: {name!r} is neither {SMOLLM2} nor a local model folder")
     return name
 
 
@@ -215,17 +217,18 @@ def _explain_all(store, folder, sw, target: str, todo, rec, task, endpoint, read
             bar.advance(1)
 
 
-def tables(store, sw_name: str) -> dict:
-    folder_tables = {}
-    for t in ("neurons", "activating", "pairs", "ablation", "induction"):
-        folder_tables[t] = read_table(store, sw_name, t, lt.SCHEMAS[t])
-    for t in ("explanations", "classifications"):
-        folder_tables[t] = read_table(store, sw_name, t, lt.SCHEMAS[t], records="explained")
-    return folder_tables
+_EXPLAINED = ("explanations", "classifications")    # written by the explaining step, recorded apart
+
+
+def tables(store, sw_name: str, names: tuple[str, ...] = tuple(lt.SCHEMAS)) -> dict:
+    """The sweep's tables (``names`` of them), every finished item's rows."""
+    return {t: read_table(store, sw_name, t, lt.SCHEMAS[t], records="explained" if t in _EXPLAINED else "items")
+            for t in names}
 
 
 def summary(store, sw, target) -> dict:
-    tabs = tables(store, sw.name)
+    # only what the figures read: the prompts and classifications are the bulk of a sweep's rows
+    tabs = tables(store, sw.name, ("neurons", "explanations", "ablation", "induction"))
     n_heads = target.ref.meta_model().config.num_attention_heads
     return {"method": "lookups", "explainer": sw.lookups.explainer,
             "sets": lt.summarize(tabs, sw.lookups.induction_top or n_heads)}
