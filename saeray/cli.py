@@ -434,6 +434,20 @@ def bench_lookups(
     show_bench(render(res), res, json_out)
 
 
+@bench_app.command("emergence")
+def bench_emergence(
+    spec: str = typer.Option("jobs/storyworld-emergence.yaml", "--spec", help="the emergence audit (run first if it "
+                             "has not finished; a finished run recomputes nothing)"),
+    json_out: bool = typer.Option(False, "--json", help="print the figures as one JSON line last"),
+) -> None:
+    """Emergence across checkpoints, layers and sizes: per concept and size the emergence step, the
+    scale thresholds, re-activations, and behaviour beside its concepts."""
+    from .bench.emergence import render, run_bench
+
+    res = run_bench(spec, address=state.address)
+    show_bench(render(res), res, json_out)
+
+
 @bench_app.command("saelens")
 def bench_saelens(
     out: str = typer.Option("./runs/bench-saelens", "--out", help="folder for result.json and one SAE folder per SAE"),

@@ -128,9 +128,19 @@ class SAETrainSpec(_Strict):
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     seed: int = 0
     workers: int = Field(1, ge=1, description="data-parallel workers per hook point (one large SAE over several GPUs)")
+    launcher: Literal["ray_train", "task"] = Field(
+        "ray_train", description="ray_train: one Ray Train run per hook point (data-parallel workers, worker-group "
+        "restarts); task: one Ray task per hook point (retried), for many small single-worker SAEs, where Ray "
+        "Train's 10-20 s start-up per run outweighs the training (docs/architecture.md)")
+    warm_start: bool = Field(False, description="each checkpoint's SAEs start from the previous checkpoint's (same "
+                             "model, hook point and variant; revisions in the order listed), so latent indices "
+                             "persist through training (SAE-Track); relu and topk only")
 
     @model_validator(mode="after")
     def _divisible(self) -> "SAETrainSpec":
+        if self.launcher == "task" and self.workers > 1:
+            raise ValueError("launcher 'task' trains each hook point in one process; use launcher: ray_train for "
+                             f"workers: {self.workers}")
         if self.batch_size % self.workers:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of workers {self.workers}")
         return self
@@ -254,6 +264,43 @@ class SweepSpec(_Strict):
         return v
 
 
+class EmergenceSpec(_Strict):
+    """When and where concepts' features appear across checkpoints, layers and model sizes
+    (docs/emergence.md). The models are listed smallest first; each needs its random
+    initialisation (step0) among its revisions, the control for token-determined concepts."""
+
+    sae: Optional[str] = Field(None, description="the SAE variant (topk-w512-k16) or architecture (topk) read per "
+                               "hook point; default: the first of sae.architectures")
+    concepts: Union[Literal["storyworld"], dict[str, list[str]]] = Field(
+        "storyworld", description="'storyworld' (the planted labels) or {concept: [words]}: a token is in the "
+        "concept when it is one of the words")
+    measure: Literal["latent", "sparse", "linear"] = Field(
+        "latent", description="what decides presence: the best single latent, the k-sparse probe on latents "
+        "(k = presence_k) or the linear probe on raw activations (a ceiling, not a feature)")
+    score: Literal["auroc", "f1"] = Field("auroc", description="the score the threshold applies to")
+    threshold: float = Field(0.9, gt=0, le=1, description="present: score >= threshold ...")
+    margin: float = Field(0.05, ge=0, le=1, description="... and score >= the same measure at step0 + margin")
+    probe_k: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1,
+                               description="k of the k-sparse probes (SAEBench's sparse probing)")
+    presence_k: int = Field(4, ge=1, description="the k used when measure is 'sparse' (must be in probe_k)")
+    max_tokens: int = Field(24_000, ge=200, description="held-out tokens scored per target (contexts are dropped "
+                            "from the end until they fit)")
+    behaviour_threshold: float = Field(0.5, gt=0, le=1, description="a behaviour (zoo fact recall, copying) is "
+                                       "possible from the first step whose held-out accuracy stays >= this")
+    match_cos: float = Field(0.7, gt=0, le=1, description="decoder cosine at which two features are the same "
+                             "feature (matching across checkpoints and layers, lineages)")
+
+    @model_validator(mode="after")
+    def _k(self) -> "EmergenceSpec":
+        if self.measure == "sparse" and self.presence_k not in self.probe_k:
+            raise ValueError(f"presence_k: {self.presence_k} is not in probe_k {self.probe_k}; add it there")
+        if isinstance(self.concepts, dict):
+            empty = [c for c, w in self.concepts.items() if not w]
+            if empty or not self.concepts:
+                raise ValueError(f"concepts: give each concept at least one word ({', '.join(empty) or 'none given'})")
+        return self
+
+
 class StoreSpec(_Strict):
     url: str = "./runs"
     endpoint_url: Optional[str] = None
@@ -293,6 +340,15 @@ class ActorResources(_Strict):
             out["memory"] = int(self.memory_gb * 2**30)
         return {k: v for k, v in out.items() if v}
 
+    def task_options(self) -> dict[str, Any]:
+        """As the keyword options of a Ray task."""
+        out: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.custom:
+            out["resources"] = dict(self.custom)
+        if self.memory_gb:
+            out["memory"] = int(self.memory_gb * 2**30)
+        return out
+
 
 class ResourcesSpec(_Strict):
     harvest: ActorResources = Field(default_factory=ActorResources, description="per shard actor")
@@ -312,6 +368,8 @@ class AuditSpec(_Strict):
     sae: Optional[SAESpec] = None
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     sweeps: list[SweepSpec] = Field(default_factory=list, description="causal sweeps over SAE latents (docs/sweeps.md)")
+    emergence: Optional[EmergenceSpec] = Field(None, description="concept emergence across checkpoints, layers and "
+                                               "sizes (docs/emergence.md)")
     store: StoreSpec = Field(default_factory=StoreSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 

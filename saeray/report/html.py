@@ -14,6 +14,7 @@ from typing import Callable
 from ..evaluate.concepts import F1_FOUND
 from .markup import table
 from .plots import tradeoff_png
+from .emergence import render_html as render_emergence
 from .sweeps import render_html as render_sweeps
 
 log = logging.getLogger("saeray")
@@ -49,7 +50,8 @@ def _img(png: bytes | None, alt: str) -> str:
 
 
 def render(summary: dict, eval_details: dict[str, dict] | None = None,
-           sweep_tables: Callable[[str, str], dict | None] | None = None) -> tuple[str, dict[str, bytes]]:
+           sweep_tables: Callable[[str, str], dict | None] | None = None,
+           emergence: tuple[dict, dict[str, bytes]] | None = None) -> tuple[str, dict[str, bytes]]:
     """The page and the PNGs (also written next to it, for people who want the files).
     ``sweep_tables(target id, sweep name)``: a sweep's tables for the sections that show rows
     (look-ups), or None; see :func:`tables_reader`."""
@@ -73,8 +75,8 @@ def render(summary: dict, eval_details: dict[str, dict] | None = None,
                     [[t["model"], t["revision"], t.get("harvest_rows"), t.get("loss_clean")]
                      for t in summary.get("targets", [])], left=2),
              "<h2>Stage times (s)</h2>",
-             _table(["target", "harvest", "train", "evaluate", "sweeps"],
-                    [[tid, *(w.get(s) for s in ("harvest", "train", "evaluate", "sweeps"))]
+             _table(["target", "harvest", "train", "evaluate", "presence", "sweeps"],
+                    [[tid, *(w.get(s) for s in ("harvest", "train", "evaluate", "presence", "sweeps"))]
                      for tid, w in summary.get("stage_wall_s", {}).items() if isinstance(w, dict)]),
              "<h2>SAEs</h2>",
              _table([c[1] for c in cols], [[r.get(k) for k, _ in cols] for r in rows], left=left),
@@ -96,6 +98,8 @@ def render(summary: dict, eval_details: dict[str, dict] | None = None,
         table_rows = [[c] + [f"{col[c]['f1']:.2f} / {col[c]['auroc']:.2f}" if c in col else None for col in cols]
                       for c in names]
         parts.append(_table(header, table_rows))
+    if emergence is not None:
+        parts.append(render_emergence(*emergence))
     for tid, sw in summary.get("sweeps", {}).items():
         parts.append(render_sweeps(tid, sw, sweep_tables))
     parts.append("<p class=muted>Files: summary.json (this table); targets/&lt;model&gt;@&lt;revision&gt;/eval.json "
@@ -132,7 +136,11 @@ def report_stage(rc) -> dict:
         rel = f"{t['folder']}/eval.json"
         if run.exists(rel):
             details[t["target"]] = run.read_json(rel)
-    page, pngs = render(summary, details, tables_reader(run, summary))
+    emergence = None
+    if run.exists("emergence/summary.json"):
+        es = run.read_json("emergence/summary.json")
+        emergence = (es, {n: run.read_bytes(f"emergence/{n}") for n in es.get("figures", [])})
+    page, pngs = render(summary, details, tables_reader(run, summary), emergence)
     for name, data in pngs.items():
         run.write_bytes(f"report/{name}", data)
     run.write_bytes("report/index.html", page.encode())

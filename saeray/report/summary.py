@@ -47,6 +47,8 @@ def build_summary(manifest_data: dict, store_url: str) -> dict:
     walls = {tid: {n: s.get("wall_s") for n, s in t.get("stages", {}).items()}
              for tid, t in manifest_data.get("targets", {}).items()}
     walls["report"] = manifest_data.get("stages", {}).get("report", {}).get("wall_s")
+    if "emergence" in manifest_data.get("stages", {}):
+        walls["emergence"] = manifest_data["stages"]["emergence"].get("wall_s")
     sweeps = {tid: _result(t, "sweeps").get("sweeps") for tid, t in manifest_data.get("targets", {}).items()}
     return {"run": manifest_data["run"], "store": store_url, "spec_hash": manifest_data.get("spec_hash"),
             "targets": targets, "stage_wall_s": walls, "saes": sae_rows(manifest_data, store_url),

@@ -79,13 +79,22 @@ def run_targets(rc: RunContext, stages: list[str], address: str | None = None) -
     return out
 
 
+def audit_stages(spec) -> list[str]:
+    """The per-target stages an audit runs (with what they need): presence only for emergence."""
+    return ["evaluate", "sweeps"] + (["presence"] if spec.emergence is not None else [])
+
+
 def run_audit(spec: AuditSpec, store_url: str | None = None, address: str | None = None) -> dict:
     from ..report.html import report_stage
     from ..report.summary import build_summary
 
     rc = open_run(spec, store_url)
     t0 = time.perf_counter()
-    run_targets(rc, ["evaluate", "sweeps"], address)
+    run_targets(rc, audit_stages(rc.resolved), address)
+    if rc.resolved.emergence is not None:
+        from ..emergence.analysis import emergence_stage
+
+        emergence_stage(rc)
     t1 = time.perf_counter()
     rc.manifest.set_stage(None, "report", status="running")
     out = report_stage(rc)

@@ -79,12 +79,13 @@ class Stage:
 
 def registry() -> dict[str, Stage]:
     """Every per-target stage, in the order they run."""
+    from ..emergence.presence import STAGE as presence
     from ..evaluate.stage import STAGE as evaluate
     from ..harvest.stage import STAGE as harvest
     from ..sweeps.stage import STAGE as sweeps
     from ..train.stage import STAGE as train
 
-    return {s.name: s for s in (harvest, train, evaluate, sweeps)}
+    return {s.name: s for s in (harvest, train, evaluate, presence, sweeps)}
 
 
 def select(names: list[str], spec=None) -> list[Stage]:

@@ -47,7 +47,7 @@ def rank_slices(batches, rank: int, world: int):
 
 def fit_dataset(ds: ActivationDataset, variants: list[Variant], tokens: int, batch_size: int,
                 lr: float | None = None, seed: int = 0, device: str = "cpu", checkpoint_every: int = 500,
-                ckpt=None, on_step=None, progress_desc: str = "train SAEs"):
+                ckpt=None, on_step=None, progress_desc: str = "train SAEs", warm: dict[str, str] | None = None):
     """Train ``variants`` on ``tokens`` rows of ``ds``; returns (fit's results, the TrainConfig).
     Inside a torch.distributed group every rank reads the same global stream and trains on its
     slice of each batch, so step count, schedule and resume points are those of one process."""
@@ -61,7 +61,7 @@ def fit_dataset(ds: ActivationDataset, variants: list[Variant], tokens: int, bat
         steps = math.ceil(tokens / batch_size)
         tcfg = replace(tcfg, tokens=steps * batch_size // world, batch_size=batch_size // world)
     res = fit(rank_slices(stream, rank, world) if world > 1 else stream, ds.d, variants, tcfg, ckpt=ckpt,
-              on_step=on_step, init_batches=stream, progress_desc=progress_desc)
+              on_step=on_step, init_batches=stream, progress_desc=progress_desc, warm=warm)
     return res, tcfg
 
 

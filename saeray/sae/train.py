@@ -148,6 +148,9 @@ def _adam(params: list, lr: float, betas: tuple[float, float]) -> torch.optim.Op
         return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
 
 
+WARM_STARTABLE = {"ReLUSAE", "TopKSAE"}   # every parameter carries over exactly
+
+
 class MultiTrainer:
     def __init__(self, d_in: int, variants: list[Variant], cfg: TrainConfig):
         if not variants:
@@ -209,6 +212,35 @@ class MultiTrainer:
             if self.world > 1:  # every rank starts from rank 0's scale and b_dec
                 _broadcast_state(sae)
         self.initialized = True
+
+    @torch.no_grad()
+    def warm_start(self, urls: dict[str, str]) -> None:
+        """Start variants from saved SAEs (``{variant name: SAE folder}``, e.g. the previous
+        checkpoint's), after :meth:`init_from_data`: every weight carries over in the normalised space
+        (activations scaled to a fixed mean squared norm) and only the input scale is this data's,
+        so a residual stream that grew between checkpoints meets the same SAE, and latent i keeps
+        its meaning, as in SAE-Track, which initialises each checkpoint's SAE from the previous one."""
+        from . import io
+
+        for name, url in urls.items():
+            sae = self.saes[name]
+            if type(sae).__name__ not in WARM_STARTABLE:
+                raise InputError(f"warm start: {name} is not one of {sorted(WARM_STARTABLE)} (only these carry over "
+                                 "exactly); train it from scratch")
+            prev = io.load(url, device=str(self.device))
+            if (prev.d_in, prev.width) != (sae.d_in, sae.width):
+                raise InputError(f"warm start: {url} has d_in {prev.d_in}, width {prev.width}; {name} needs "
+                                 f"{sae.d_in}, {sae.width}")
+            t = prev.export()                       # raw units (its input scale is 1)
+            # back into the normalised space it was trained in (its scale is recorded at save); this
+            # data keeps its own input scale
+            c_old = float(io.load_info(url).get("input_scale_folded", 1.0))
+            sae.W_dec.copy_(t["W_dec"] * c_old)
+            sae.W_enc.copy_(t["W_enc"] / c_old)
+            sae.b_enc.copy_(t["b_enc"])
+            sae.b_dec.copy_(t["b_dec"] * c_old)
+            if self.world > 1:
+                _broadcast_state(sae)
 
     def step(self, x) -> dict[str, dict[str, float]]:
         if not self.initialized:
@@ -329,14 +361,17 @@ def _take_rows(it: Iterator, n: int) -> np.ndarray:
 def fit(batches: Callable[[int], Iterator], d_in: int, variants: list[Variant], cfg: TrainConfig,
         ckpt=None, on_step: Callable[[int, dict], None] | None = None,
         progress_desc: str = "train SAEs", init_batches: Callable[[int], Iterator] | None = None,
-        ) -> dict[str, tuple[SAE, dict]]:
+        warm: dict[str, str] | None = None) -> dict[str, tuple[SAE, dict]]:
     """Train ``variants`` on ``batches(0)`` for ``cfg.tokens`` rows; resume from ``ckpt`` (a Store)
     if it holds a checkpoint. Returns {name: (sae in eval mode, last training metrics + tokens/s)}.
     ``init_batches``: where the data-dependent init samples from, when not ``batches`` (a
-    data-parallel rank trains on its slice but initialises from the global stream)."""
+    data-parallel rank trains on its slice but initialises from the global stream). ``warm``:
+    saved SAEs some variants start from (:meth:`MultiTrainer.warm_start`)."""
     tr = MultiTrainer(d_in, variants, cfg)
     if not tr.load_checkpoint(ckpt):
         tr.init_from_data(_take_rows((init_batches or batches)(0), cfg.init_tokens))
+        if warm:
+            tr.warm_start(warm)
     last: dict[str, dict] = {}
     t0, tok0 = time.perf_counter(), tr.tokens_seen
     with progress(progress_desc, total=cfg.tokens, unit="tok") as p:

@@ -61,6 +61,12 @@ def fit_unit(config: dict, per_worker: dict, run_name: str, storage: tuple) -> d
     return run.read_json(f"saes/{config['hookpoint']}/{CKPT_DIR}/{RESULT}")
 
 
+def fit_unit_task(config: dict) -> dict:
+    """Run one unit in the calling Ray task (``launcher: task``): the same unit, resumed from its
+    checkpoint when Ray retries the task after a worker died."""
+    return train_unit(UnitConfig(**config))
+
+
 def _storage(store) -> tuple:
     """Where Ray Train keeps its own run state: inside the target's folder, on the store's filesystem."""
     if store.is_local:
@@ -82,6 +88,9 @@ def key(spec, target) -> dict:
         return {**harvest_key(spec, target), "sae": None}
     t = spec.sae.train.model_dump(mode="json")
     t.pop("workers")   # data-parallel ranks: the same SAE up to float rounding
+    t.pop("launcher")  # where the same unit runs
+    if not t["warm_start"]:
+        t.pop("warm_start")    # runs recorded before the option keep their key
     return {**harvest_key(spec, target), "sae.architectures": [a.model_dump(mode="json") for a in spec.sae.architectures],
             **{f"sae.train.{k}": v for k, v in t.items()}}
 
@@ -91,6 +100,37 @@ def check(spec, targets) -> None:
         raise InputError("sae: the spec has no sae section, so there is nothing to train; add one (e.g. "
                          "sae: {architectures: [{arch: topk, width: 4096, k: 32}]}) or run `saeray harvest` only")
     variants_from_spec(spec.sae)
+    if spec.sae.train.warm_start:
+        bad = [a.arch for a in spec.sae.architectures if a.arch not in ("relu", "topk")]
+        if bad:
+            raise InputError(f"sae.train.warm_start: {bad[0]} SAEs cannot start from another checkpoint's exactly; "
+                             "warm-start relu and topk only, or set warm_start: false")
+
+
+WARM_POLL_S = 2.0
+
+
+def previous_checkpoint(ctx: TargetContext):
+    """The target whose SAEs this one starts from: the same model's previous revision in the spec."""
+    from ..run.targets import expand_targets
+
+    same = [t for t in expand_targets(ctx.spec) if t.model == ctx.target.model]
+    i = [t.id for t in same].index(ctx.target.id)
+    return same[i - 1] if i > 0 else None
+
+
+def wait_for_train(ctx: TargetContext, prev) -> dict:
+    """The previous checkpoint's train result, once its thread (in this audit) has finished it."""
+    while True:
+        if prev.id not in ctx.manifest.data["targets"]:
+            raise InputError(f"sae.train.warm_start: {ctx.target} starts from {prev}, which is not in this run; run "
+                             "every revision together (no --revision) or set warm_start: false")
+        rec = ctx.manifest.stage(prev.id, "train")
+        if rec.get("status") == "done":
+            return rec["result"]
+        if rec.get("status") == "failed" or ctx.manifest.stage(prev.id, "harvest").get("status") == "failed":
+            raise SaerayError(f"train {ctx.target}: {prev} failed, so there is nothing to warm-start from")
+        time.sleep(WARM_POLL_S)
 
 
 def run(ctx: TargetContext, inputs: dict) -> TrainResult:
@@ -108,17 +148,33 @@ def run(ctx: TargetContext, inputs: dict) -> TrainResult:
     per_worker = {"CPU": res.num_cpus, **res.ray_options()}
     log.info(f"train {target}: {len(todo)} of {len(hookpoints)} hook points to train ({len(hookpoints) - len(todo)} "
              f"done), {len(variants)} SAE variants each, {t.tokens} tokens per SAE")
-    fit_task = ray.remote(num_cpus=0)(fit_unit)
-    storage = _storage(store)
+    if t.launcher == "task":
+        task = ray.remote(fit_unit_task).options(**res.task_options(), max_retries=MAX_FAILURES)
+
+        def launch(cfg: dict):
+            return task.remote(cfg)
+    else:
+        fit_task = ray.remote(num_cpus=0)(fit_unit)
+        storage = _storage(store)
+        run_name = f"{ctx.manifest.data['run']}-{target.id}"
+
+        def launch(cfg: dict):
+            return fit_task.remote(cfg, per_worker, run_name, storage)
+    warm: dict[str, dict[str, str]] = {}
+    prev = previous_checkpoint(ctx) if t.warm_start and todo else None
+    if prev is not None:
+        log.info(f"train {target}: waiting for {prev}'s SAEs to start from (warm start)")
+        before = wait_for_train(ctx, prev)["saes"]
+        pstore = ctx.run / prev.folder
+        warm = {hp: {n: pstore.url_of(before[hp][n]["path"]) for n in names} for hp in todo}
     pending = {}
     for hp in todo:
         cfg = UnitConfig(run_url=store.url, store_options=store.options, hookpoint=hp, variants=variants,
                          tokens=t.tokens, batch_size=t.batch_size, lr=t.lr, seed=t.seed,
                          checkpoint_every=t.checkpoint_every, epochs_max=t.epochs_max, workers=t.workers,
                          threads=max(1, int(res.num_cpus)), model=target.model,
-                         meta={"revision": target.revision})
-        run_name = f"{ctx.manifest.data['run']}-{target.id}"
-        pending[fit_task.remote(cfg.to_dict(), per_worker, run_name, storage)] = (hp, time.perf_counter())
+                         meta={"revision": target.revision}, warm=warm.get(hp))
+        pending[launch(cfg.to_dict())] = (hp, time.perf_counter())
     errors = []
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)

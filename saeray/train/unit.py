@@ -40,6 +40,7 @@ class UnitConfig:
     threads: int | None = None
     model: str | None = None
     meta: dict = field(default_factory=dict)
+    warm: dict | None = None          # {variant name: SAE folder URL} to start from (warm start)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +90,7 @@ def train_unit(cfg: UnitConfig, on_step=None) -> dict:
     variants = [Variant(**v) for v in cfg.variants]
     res, tcfg = fit_dataset(ds, variants, tokens, cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=device,
                             checkpoint_every=cfg.checkpoint_every, ckpt=run / "saes" / cfg.hookpoint / CKPT_DIR,
-                            on_step=on_step, progress_desc=f"train {cfg.hookpoint}")
+                            on_step=on_step, progress_desc=f"train {cfg.hookpoint}", warm=cfg.warm)
     if dist_rank_world()[0] != 0:  # every rank holds the same SAEs; rank 0 writes them
         return {}
     # quick metrics on a differently shuffled sample of the training data; the evaluate stage

@@ -1,0 +1,294 @@
+"""The ``presence`` stage: how well each concept is read from each hook point of one target (one
+model at one checkpoint), by its SAE's best latent, k-sparse probes and a linear probe
+(:mod:`saeray.evaluate.probes`).
+
+Held-out contexts go once through the model pool, which captures every hook point; each hook
+point is then scored by its own Ray task (its SAE's latents, the probes). Contexts alternate
+between the probes' train and test splits, so both see every topic. One Parquet file per hook
+point, ``<target>/emergence/presence/<hookpoint>.parquet``, written before its record
+(``_records/presence``): a re-run scores only the hook points without one.
+
+Concepts: storyworld's planted labels (the same as the evaluate stage's), or the spec's word lists:
+a token is in a concept when it is one of the concept's words (words the tokenizer splits into
+several tokens cannot be a token's label and are refused by the check).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ..errors import InputError, SaerayError
+from ..run.records import Records
+from ..run.stages import Result, Stage, TargetContext
+
+log = logging.getLogger("saeray")
+
+MIN_POSITIVES = 10      # per split: fewer positives than this and a concept is not scored at that target
+SCHEMA = pa.schema([("hookpoint", pa.string()), ("layer", pa.int32()), ("concept", pa.string()),
+                    ("measure", pa.string()), ("k", pa.int32()), ("auroc", pa.float64()), ("f1", pa.float64()),
+                    ("latents", pa.list_(pa.int32())), ("positives_train", pa.int32()), ("positives_test", pa.int32())])
+
+
+@dataclass
+class PresenceResult(Result):
+    sae: str
+    hookpoints: list = field(default_factory=list)
+    concepts: list = field(default_factory=list)
+    tokens: int = 0
+
+
+# ---- concepts -----------------------------------------------------------------------------------
+
+def word_token_ids(tokenizer, words: list[str]) -> tuple[set[int], list[str]]:
+    """Token ids of the words that are one token (with or without a leading space); the rest."""
+    ids: set[int] = set()
+    split: list[str] = []
+    for w in words:
+        found = False
+        for form in (w, " " + w):
+            t = tokenizer(form, add_special_tokens=False)["input_ids"]
+            if len(t) == 1:
+                ids.add(int(t[0]))
+                found = True
+        if not found:
+            split.append(w)
+    return ids, split
+
+
+def labels(spec, contexts, tokenizer) -> tuple[list[str], np.ndarray]:
+    """Concept names and a bool matrix [kept rows, concepts], rows in ``contexts.keep`` order."""
+    em = spec.emergence
+    if em.concepts == "storyworld":
+        from ..evaluate.concepts import storyworld_concepts
+
+        return storyworld_concepts(contexts, spec.corpus.seed)
+    tokens = contexts.ids[contexts.keep]
+    names, cols = [], []
+    for name, words in em.concepts.items():
+        ids, _ = word_token_ids(tokenizer, words)
+        names.append(name)
+        cols.append(np.isin(tokens, list(ids)))
+    return names, np.stack(cols, 1)
+
+
+def _cap(contexts, max_tokens: int):
+    """The leading contexts whose kept tokens fit in ``max_tokens`` (at least two, one per split)."""
+    cum = np.cumsum(contexts.keep.sum(1))
+    n = max(2, int(np.searchsorted(cum, max_tokens, side="right")))
+    return contexts.slice(0, min(n, len(contexts)))
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+
+def choose_sae(spec) -> str:
+    """The variant name the analysis reads: ``emergence.sae`` as a name or an architecture."""
+    from ..train.unit import variant_name, variants_from_spec
+
+    names = [variant_name(v) for v in variants_from_spec(spec.sae)]
+    want = spec.emergence.sae
+    if want is None:
+        return names[0]
+    if want in names:
+        return want
+    by_arch = [n for n, a in zip(names, spec.sae.architectures) if a.arch == want]
+    if not by_arch:
+        raise InputError(f"emergence.sae: '{want}' is neither a variant ({', '.join(names)}) nor an architecture "
+                         "of sae.architectures; name one of them")
+    return by_arch[0]
+
+
+def key(spec, target) -> dict:
+    from ..train.stage import key as train_key
+
+    em = spec.emergence.model_dump(mode="json")
+    kept = {f"emergence.{k}": em[k] for k in ("sae", "concepts", "probe_k", "max_tokens")}
+    return {**train_key(spec, target), **kept, "corpus.heldout_docs": spec.corpus.heldout_docs}
+
+
+def check(spec, targets) -> None:
+    from ..harvest.corpus import corpus_for
+    from .thresholds import step_of
+
+    em = spec.emergence
+    if spec.sae is None:
+        raise InputError("emergence: needs SAEs; add an sae section (e.g. sae: {architectures: [{arch: topk, "
+                         "width: 512, k: 16}]})")
+    choose_sae(spec)
+    if spec.corpus.heldout_docs < 4:
+        raise InputError("corpus.heldout_docs: emergence scores concepts on held-out documents; set at least 4 "
+                         "(e.g. 256)")
+    for i, m in enumerate(spec.models):
+        revs = [t.revision for t in targets if t.model == m.name]
+        where = f"model[{i}].revisions" if len(spec.models) > 1 else "model.revisions"
+        bad = [r for r in revs if r != "main" and step_of(r) is None]
+        if bad:
+            raise InputError(f"{where}: emergence orders checkpoints by their step; '{bad[0]}' is not step<N> "
+                             "(or main, counted last)")
+        if "step0" not in revs:
+            raise InputError(f"{where}: emergence needs step0 (the random initialisation) of {m.name} as the "
+                             "control for concepts a random network already reads; add step0")
+    for t in targets:
+        tok = t.ref.tokenizer()
+        corpus = corpus_for(spec.corpus, tok)
+        if em.concepts == "storyworld":
+            if not corpus.is_storyworld:
+                raise InputError("emergence.concepts: 'storyworld' labels need corpus.source: storyworld; give word "
+                                 "lists instead ({concept: [words]})")
+            continue
+        for name, words in em.concepts.items():
+            ids, split = word_token_ids(tok, words)
+            if split:
+                raise InputError(f"emergence.concepts.{name}: {', '.join(repr(w) for w in split[:5])} "
+                                 f"{'is' if len(split) == 1 else 'are'} more than one token for {t}; list "
+                                 "single-token words only")
+
+
+class ActsJob:
+    """Model-pool job: the kept positions' activations at this stage's hook points, as float16."""
+
+    logits = False
+    grad = False
+
+    def __init__(self, stage, device: torch.device, hookpoints: list[str]):
+        self.hookpoints = hookpoints
+
+    def begin(self, item: str) -> None:
+        self.acts: dict[str, list[np.ndarray]] = {hp: [] for hp in self.hookpoints}
+
+    def capture(self, payload: dict) -> list[str]:
+        return self.hookpoints
+
+    def interventions(self, payload: dict):
+        return None
+
+    def on_acts(self, payload: dict, acts: dict[str, torch.Tensor]) -> None:
+        keep = torch.from_numpy(np.array(payload["keep"]))
+        for hp in self.hookpoints:
+            self.acts[hp].append(acts[hp][keep.to(acts[hp].device)].to(torch.float16).cpu().numpy())
+
+    def on_output(self, payload: dict, output: torch.Tensor) -> None:
+        return None
+
+    def finish(self, item: str) -> dict[str, np.ndarray]:
+        return {hp: np.concatenate(v) for hp, v in self.acts.items() if v}
+
+
+def layer_of(hookpoint: str) -> int:
+    m = re.search(r"\.(\d+)", hookpoint)
+    return int(m.group(1)) if m else 0
+
+
+def score_hookpoint(acts: np.ndarray, y: np.ndarray, train: np.ndarray, sae_url: str, probe_k: list[int],
+                    names: list[str], hookpoint: str, threads: int = 1) -> bytes:
+    """Every measure for every concept at one hook point -> Parquet bytes (a Ray task's body)."""
+    from ..evaluate import probes
+    from ..sae import io as sae_io
+
+    torch.set_num_threads(max(1, threads))
+    x = torch.tensor(acts, dtype=torch.float32)     # a copy: the object store hands out read-only arrays
+    yt = torch.tensor(y)
+    tr = torch.tensor(train)
+    sae = sae_io.load(sae_url, device="cpu")
+    with torch.no_grad():
+        lat = torch.cat([sae(x[i:i + 8192]).latents for i in range(0, len(x), 8192)]).float()
+    ok = (yt[tr].sum(0) >= MIN_POSITIVES) & (yt[~tr].sum(0) >= MIN_POSITIVES)
+    cols = ok.nonzero().flatten()
+    yk = yt[:, cols]
+    rows = []
+    if len(cols):
+        lsplit = probes.Split(lat[tr], yk[tr], lat[~tr], yk[~tr])
+        xsplit = probes.Split(x[tr], yk[tr], x[~tr], yk[~tr])
+        results = [("latent", 1, probes.best_latent(lsplit))]
+        results += [("sparse", k, probes.sparse_probe(lsplit, k)) for k in probe_k]
+        results.append(("linear", 0, probes.linear_probe(xsplit)))
+        ptr, pte = yk[tr].sum(0).tolist(), yk[~tr].sum(0).tolist()
+        for measure, k, r in results:
+            for j, c in enumerate(cols.tolist()):
+                rows.append({"hookpoint": hookpoint, "layer": layer_of(hookpoint), "concept": names[c],
+                             "measure": measure, "k": k, "auroc": float(r["auroc"][j]), "f1": float(r["f1"][j]),
+                             "latents": [int(v) for v in r["latents"][j]], "positives_train": int(ptr[j]),
+                             "positives_test": int(pte[j])})
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def table_path(hookpoint: str) -> str:
+    return f"emergence/presence/{hookpoint}.parquet"
+
+
+def read_presence(store, hookpoints: list[str]) -> pa.Table:
+    parts = [pq.read_table(io.BytesIO(store.read_bytes(table_path(hp)))) for hp in hookpoints]
+    return pa.concat_tables(parts) if parts else SCHEMA.empty_table()
+
+
+def run(ctx: TargetContext, inputs: dict) -> PresenceResult:
+    import ray
+
+    from ..harvest.corpus import corpus_for
+    from ..harvest.stage import plan
+    from ..models.pool import Item, Load, ModelPool
+    from ..models.shard import route
+    from ..progress import progress
+
+    spec, target, store = ctx.spec, ctx.target, ctx.store
+    em = spec.emergence
+    name = choose_sae(spec)
+    saes = {hp: d[name] for hp, d in inputs["train"].saes.items()}
+    p = plan(spec, target)
+    hps = [hp for hp in p.hookpoints if hp in saes]
+    tok = target.ref.tokenizer()
+    c = _cap(corpus_for(spec.corpus, tok).heldout(), em.max_tokens)
+    names, Y = labels(spec, c, tok)
+    # alternate contexts between the probes' train and test splits
+    train = np.repeat(np.arange(len(c)) % 2 == 0, c.keep.sum(1))
+    records = Records(store, "presence")
+    todo = [hp for hp in hps if hp not in records.names()]
+    log.info(f"presence {target}: {len(todo)} of {len(hps)} hook points to score ({name}), {len(names)} concepts, "
+             f"{int(c.keep.sum())} held-out tokens")
+    if todo:
+        acts: dict[str, list] = {hp: [] for hp in todo}
+        B = spec.evaluation.batch_size
+        slices = [slice(a, min(a + B, len(c))) for a in range(0, len(c), B)]
+        got: dict[str, dict] = {}
+
+        def on_item(key: str, parts: list[dict]) -> None:
+            got[key] = {hp: a for part in parts for hp, a in part.items()}
+
+        def batches(sl: slice):
+            yield c.ids[sl], {"keep": c.keep[sl]}, "acts"
+
+        per_stage = route(todo, p.ranges, p.n_layers, p.n_heads)
+        res = spec.resources.eval
+        with ModelPool(Load.of(target.ref, res), p.ranges, ActsJob, [{"hookpoints": st} for st in per_stage],
+                       replicas=1, resources=res.ray_options(), name=f"presence {target}") as pool:
+            pool.run([Item(f"b{i:05d}", lambda sl=sl: batches(sl)) for i, sl in enumerate(slices)], on_item)
+        for k in sorted(got):
+            for hp, a in got[k].items():
+                acts[hp].append(a)
+        task = ray.remote(score_hookpoint).options(**res.task_options())
+        y_ref, train_ref = ray.put(Y), ray.put(train)
+        pending = {task.remote(ray.put(np.concatenate(acts[hp])), y_ref, train_ref, store.url_of(saes[hp]["path"]),
+                               em.probe_k, names, hp, max(1, int(res.num_cpus))): hp for hp in todo}
+        with progress(f"presence {target}", total=len(pending), unit="hook point") as bar:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                hp = pending.pop(ready[0])
+                store.write_bytes(table_path(hp), ray.get(ready[0]))
+                records.put(hp, {"sae": name, "concepts": len(names)})
+                bar.advance(1)
+        records.consolidate()
+    missing = [hp for hp in hps if not store.exists(table_path(hp))]
+    if missing:
+        raise SaerayError(f"presence {target}: tables missing for {', '.join(missing)}")
+    return PresenceResult(name, hps, names, int(c.keep.sum()))
+
+
+STAGE = Stage("presence", needs=("train",), key=key, check=check, run=run, result=PresenceResult)
