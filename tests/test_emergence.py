@@ -248,3 +248,32 @@ def test_warm_start_carries_directions_and_latents_into_new_data(tmp_path):
     tr2.init_from_data(x)
     with pytest.raises(InputError, match="warm start"):
         tr2.warm_start({gba.name: url})
+
+
+def test_word_list_concepts_label_tokens_and_refuse_split_words():
+    """Elsewhere than storyworld a concept is a word list: a token is in it when it is one of the
+    words; a word the tokenizer splits cannot label a token, and the check says which."""
+    from saeray.emergence.presence import check, labels
+    from saeray.harvest.corpus import Contexts
+    from saeray.run.targets import expand_targets
+    from saeray.spec import parse_spec
+    from saeray.storyworld.tokenizer import encode
+
+    d = json.loads(_spec())
+    d["model"][0]["revisions"] = ["step0", "step8"]
+    d["emergence"] = {"concepts": {"pets": ["cat", "dog"], "colours": ["red"]}}
+    spec = parse_spec(json.dumps(d))
+    targets = expand_targets(spec)
+    check(spec, targets)
+    tok = targets[0].ref.tokenizer()
+    ids = np.array([encode("the cat saw a red dog and the cat".split())])
+    keep = np.ones_like(ids, dtype=bool)
+    keep[0, 0] = False
+    names, y = labels(spec, Contexts(np.array([0]), ids, keep), tok)
+    assert names == ["pets", "colours"]
+    assert y[:, 0].tolist() == [True, False, False, False, True, False, False, True]
+    assert y[:, 1].tolist() == [False, False, False, True, False, False, False, False]
+    d["emergence"] = {"concepts": {"pets": ["cat", "zyzzyvaqq"]}}
+    bad = parse_spec(json.dumps(d))
+    with pytest.raises(InputError, match=r"emergence.concepts.pets: 'zyzzyvaqq' is not one known token"):
+        check(bad, expand_targets(bad))

@@ -63,17 +63,22 @@ def figures(summary: dict, rows: list[dict]) -> dict[str, bytes]:
     label = f"{st['measure']}{'' if st['measure'] != 'sparse' else ' k=' + str(st['presence_k'])} {st['score']}"
     out = {}
 
+    def best_over_layers(cells: list[tuple[int, int]]):
+        """[concept, cell] best score over the layers, and presence at any layer, for (size, step) cells."""
+        mat = np.full((len(concepts), len(cells)), np.nan)
+        p = np.zeros_like(mat, dtype=bool)
+        for i, c in enumerate(concepts):
+            for j, (z, s) in enumerate(cells):
+                vs = [val[(z, s, l, c)] for l in layers[z] if (z, s, l, c) in val]
+                mat[i, j] = max(vs) if vs else np.nan
+                p[i, j] = any((models[z], s, l, c) in pres for l in layers[z])
+        return mat, p
+
     # emergence curves: best over layers, concept x checkpoint, one panel per size
     fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models) + 1.5, 0.22 * len(concepts) + 2), dpi=110,
                              squeeze=False)
     for z, m in enumerate(models):
-        mat = np.full((len(concepts), len(steps)), np.nan)
-        p = np.zeros_like(mat, dtype=bool)
-        for i, c in enumerate(concepts):
-            for j, s in enumerate(steps):
-                vs = [val[(z, s, l, c)] for l in layers[z] if (z, s, l, c) in val]
-                mat[i, j] = max(vs) if vs else np.nan
-                p[i, j] = any((m, s, l, c) in pres for l in layers[z])
+        mat, p = best_over_layers([(z, s) for s in steps])
         im = _heat(axes[0, z], mat, [str(s) for s in steps], concepts, m, vmin, p, show_y=z == 0)
         axes[0, z].set_xlabel("checkpoint (step)", fontsize=8)
     fig.colorbar(im, ax=axes[0, -1], label=f"best layer's {label}")
@@ -102,13 +107,7 @@ def figures(summary: dict, rows: list[dict]) -> dict[str, bytes]:
     fig, axes = plt.subplots(1, len(late), figsize=(2.6 * len(late) + 2.5, 0.22 * len(concepts) + 2), dpi=110,
                              squeeze=False)
     for j, s in enumerate(late):
-        mat = np.full((len(concepts), len(models)), np.nan)
-        p = np.zeros_like(mat, dtype=bool)
-        for i, c in enumerate(concepts):
-            for z, m in enumerate(models):
-                vs = [val[(z, s, l, c)] for l in layers[z] if (z, s, l, c) in val]
-                mat[i, z] = max(vs) if vs else np.nan
-                p[i, z] = any((m, s, l, c) in pres for l in layers[z])
+        mat, p = best_over_layers([(z, s) for z in range(len(models))])
         im = _heat(axes[0, j], mat, models, concepts, f"step {s}", vmin, p, show_y=j == 0)
     fig.colorbar(im, ax=axes[0, -1], label=f"best layer's {label}")
     fig.suptitle("Scale: concept x model size (dot: present)", fontsize=10)

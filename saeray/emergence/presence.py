@@ -47,14 +47,15 @@ class PresenceResult(Result):
 # ---- concepts -----------------------------------------------------------------------------------
 
 def word_token_ids(tokenizer, words: list[str]) -> tuple[set[int], list[str]]:
-    """Token ids of the words that are one token (with or without a leading space); the rest."""
+    """Token ids of the words that are one known token (with or without a leading space); the rest."""
+    unk = getattr(tokenizer, "unk_token_id", None)
     ids: set[int] = set()
     split: list[str] = []
     for w in words:
         found = False
         for form in (w, " " + w):
             t = tokenizer(form, add_special_tokens=False)["input_ids"]
-            if len(t) == 1:
+            if len(t) == 1 and t[0] != unk:
                 ids.add(int(t[0]))
                 found = True
         if not found:
@@ -146,8 +147,8 @@ def check(spec, targets) -> None:
             ids, split = word_token_ids(tok, words)
             if split:
                 raise InputError(f"emergence.concepts.{name}: {', '.join(repr(w) for w in split[:5])} "
-                                 f"{'is' if len(split) == 1 else 'are'} more than one token for {t}; list "
-                                 "single-token words only")
+                                 f"{'is' if len(split) == 1 else 'are'} not one known token for {t} (split into "
+                                 "several, or out of the vocabulary); list single-token words only")
 
 
 class ActsJob:
