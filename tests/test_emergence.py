@@ -268,11 +268,11 @@ def test_word_list_concepts_label_tokens_and_refuse_split_words():
     tok = targets[0].ref.tokenizer()
     ids = np.array([encode("the cat saw a red dog and the cat".split())])
     keep = np.ones_like(ids, dtype=bool)
-    keep[0, 0] = False
+    keep[0, 0] = False                                    # BOS, as the harvest drops it
     names, y = labels(spec, Contexts(np.array([0]), ids, keep), tok)
     assert names == ["pets", "colours"]
-    assert y[:, 0].tolist() == [True, False, False, False, True, False, False, True]
-    assert y[:, 1].tolist() == [False, False, False, True, False, False, False, False]
+    assert y[:, 0].tolist() == [False, True, False, False, False, True, False, False, True]
+    assert y[:, 1].tolist() == [False, False, False, False, True, False, False, False, False]
     d["emergence"] = {"concepts": {"pets": ["cat", "zyzzyvaqq"]}}
     bad = parse_spec(json.dumps(d))
     with pytest.raises(InputError, match=r"emergence.concepts.pets: 'zyzzyvaqq' is not one known token"):
