@@ -81,13 +81,10 @@ def score_map(rows: list[dict], measure: str, k: int, score: str) -> dict[thresh
             if r["measure"] == measure and (measure != "sparse" or r["k"] == k)}
 
 
-def _kind(hp: str) -> str:
-    return hp.split(".")[0]
-
-
 def match_features(rc, targets: list[dict], thr: float) -> tuple[list[dict], dict]:
     """Neighbouring checkpoints (same size and hook point) and layers (same size, checkpoint and hook
     kind): decoder-cosine summaries; lineages along checkpoints per (size, hook point)."""
+    from ..models.hookpoints import parse
     from ..sae import io as sae_io
 
     dec: dict[tuple[int, int, str], np.ndarray] = {}
@@ -110,11 +107,10 @@ def match_features(rc, targets: list[dict], thr: float) -> tuple[list[dict], dic
         lins[(z, hp)] = (steps, ls)
     by_layer: dict[tuple[int, int, str], list[str]] = {}
     for (z, s, hp) in dec:
-        by_layer.setdefault((z, s, _kind(hp)), []).append(hp)
-    from .presence import layer_of
+        by_layer.setdefault((z, s, parse(hp).kind), []).append(hp)
 
     for (z, s, _), hps in sorted(by_layer.items()):
-        hps = sorted(hps, key=layer_of)
+        hps = sorted(hps, key=lambda h: parse(h).layer)
         for a, b in zip(hps, hps[1:]):
             rows.append({"axis": "layer", "size": z, "hookpoint_a": a, "step_a": s, "hookpoint_b": b, "step_b": s,
                          **matching.summary(matching.cosines(dec[(z, s, a)], dec[(z, s, b)]), thr)})

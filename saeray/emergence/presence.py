@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -181,15 +180,11 @@ class ActsJob:
         return {hp: np.concatenate(v) for hp, v in self.acts.items() if v}
 
 
-def layer_of(hookpoint: str) -> int:
-    m = re.search(r"\.(\d+)", hookpoint)
-    return int(m.group(1)) if m else 0
-
-
 def score_hookpoint(acts: np.ndarray, y: np.ndarray, train: np.ndarray, sae_url: str, probe_k: list[int],
                     names: list[str], hookpoint: str, threads: int = 1) -> bytes:
     """Every measure for every concept at one hook point -> Parquet bytes (a Ray task's body)."""
     from ..evaluate import probes
+    from ..models.hookpoints import parse
     from ..sae import io as sae_io
 
     torch.set_num_threads(max(1, threads))
@@ -212,7 +207,7 @@ def score_hookpoint(acts: np.ndarray, y: np.ndarray, train: np.ndarray, sae_url:
         ptr, pte = yk[tr].sum(0).tolist(), yk[~tr].sum(0).tolist()
         for measure, k, r in results:
             for j, c in enumerate(cols.tolist()):
-                rows.append({"hookpoint": hookpoint, "layer": layer_of(hookpoint), "concept": names[c],
+                rows.append({"hookpoint": hookpoint, "layer": parse(hookpoint).layer, "concept": names[c],
                              "measure": measure, "k": k, "auroc": float(r["auroc"][j]), "f1": float(r["f1"][j]),
                              "latents": [int(v) for v in r["latents"][j]], "positives_train": int(ptr[j]),
                              "positives_test": int(pte[j])})
