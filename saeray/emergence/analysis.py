@@ -76,9 +76,13 @@ def grid(rc) -> tuple[pa.Table, list[dict]]:
     return pa.concat_tables(parts), targets
 
 
+def of_measure(r: dict, measure: str, k: int) -> bool:
+    """Is presence row ``r`` the measure (``k`` counts for the sparse probes only)?"""
+    return r["measure"] == measure and (measure != "sparse" or r["k"] == k)
+
+
 def score_map(rows: list[dict], measure: str, k: int, score: str) -> dict[thresholds.Key, float]:
-    return {(r["size"], r["step"], r["layer"], r["concept"]): r[score] for r in rows
-            if r["measure"] == measure and (measure != "sparse" or r["k"] == k)}
+    return {(r["size"], r["step"], r["layer"], r["concept"]): r[score] for r in rows if of_measure(r, measure, k)}
 
 
 def match_features(rc, targets: list[dict], thr: float) -> tuple[list[dict], dict]:
@@ -121,7 +125,7 @@ def _best_rows(rows: list[dict], measure: str, k: int, score: str) -> dict[tuple
     """Per (size, step, concept): the row of the layer with the best score for ``measure``."""
     out: dict[tuple, dict] = {}
     for r in rows:
-        if r["measure"] != measure or (measure == "sparse" and r["k"] != k):
+        if not of_measure(r, measure, k):
             continue
         v = r[score]
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -132,10 +136,9 @@ def _best_rows(rows: list[dict], measure: str, k: int, score: str) -> dict[tuple
     return out
 
 
-def analyse(rc) -> dict:
-    """Everything the emergence section reports, as one JSON-able dict (also written out)."""
+def analyse(rc, tab: pa.Table, targets: list[dict]) -> dict:
+    """Everything the emergence section reports over :func:`grid`'s table, as one JSON-able dict."""
     em = rc.resolved.emergence
-    tab, targets = grid(rc)
     rows = tab.to_pylist()
     models = [m.name for m in rc.resolved.models]
     steps = sorted({t["step"] for t in targets})
@@ -251,8 +254,8 @@ def emergence_stage(rc) -> dict:
         return rc.store.read_json(f"{DIR}/summary.json")
     rc.manifest.set_stage(None, "emergence", status="running", key=k)
     t0 = time.perf_counter()
-    summary = analyse(rc)
-    tab, _ = grid(rc)
+    tab, targets = grid(rc)
+    summary = analyse(rc, tab, targets)
     buf = io.BytesIO()
     pq.write_table(tab, buf, compression="zstd")
     rc.store.write_bytes(f"{DIR}/scores.parquet", buf.getvalue())

@@ -24,15 +24,11 @@ def _png(fig) -> bytes:
 
 
 def _value(rows: list[dict], settings: dict) -> dict[tuple, float]:
-    m, k, score = settings["measure"], settings["presence_k"], settings["score"]
-    out = {}
-    for r in rows:
-        if r["measure"] != m or (m == "sparse" and r["k"] != k):
-            continue
-        v = r[score]
-        if v is not None and not math.isnan(v):
-            out[(r["size"], r["step"], r["layer"], r["concept"])] = v
-    return out
+    """The presence measure's scores, NaN (not scored) left out."""
+    from .analysis import score_map
+
+    return {k: v for k, v in score_map(rows, settings["measure"], settings["presence_k"], settings["score"]).items()
+            if v is not None and not math.isnan(v)}
 
 
 def _heat(ax, mat, xlabels, ylabels, title, vmin, present=None, show_y=True):
