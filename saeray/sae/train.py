@@ -148,7 +148,7 @@ def _adam(params: list, lr: float, betas: tuple[float, float]) -> torch.optim.Op
         return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
 
 
-WARM_STARTABLE = {"ReLUSAE", "TopKSAE"}   # every parameter carries over exactly
+WARM_STARTABLE = ("relu", "topk")   # architectures whose every parameter carries over exactly
 
 
 class MultiTrainer:
@@ -224,9 +224,9 @@ class MultiTrainer:
 
         for name, url in urls.items():
             sae = self.saes[name]
-            if type(sae).__name__ not in WARM_STARTABLE:
-                raise InputError(f"warm start: {name} is not one of {sorted(WARM_STARTABLE)} (only these carry over "
-                                 "exactly); train it from scratch")
+            if sae.arch not in WARM_STARTABLE:
+                raise InputError(f"warm start: {name} is not one of {', '.join(WARM_STARTABLE)} (only these carry "
+                                 "over exactly); train it from scratch")
             prev = io.load(url, device=str(self.device))
             if (prev.d_in, prev.width) != (sae.d_in, sae.width):
                 raise InputError(f"warm start: {url} has d_in {prev.d_in}, width {prev.width}; {name} needs "

@@ -101,7 +101,9 @@ def check(spec, targets) -> None:
                          "sae: {architectures: [{arch: topk, width: 4096, k: 32}]}) or run `saeray harvest` only")
     variants_from_spec(spec.sae)
     if spec.sae.train.warm_start:
-        bad = [a.arch for a in spec.sae.architectures if a.arch not in ("relu", "topk")]
+        from ..sae.train import WARM_STARTABLE
+
+        bad = [a.arch for a in spec.sae.architectures if a.arch not in WARM_STARTABLE]
         if bad:
             raise InputError(f"sae.train.warm_start: {bad[0]} SAEs cannot start from another checkpoint's exactly; "
                              "warm-start relu and topk only, or set warm_start: false")
