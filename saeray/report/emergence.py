@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 
-from .markup import table
+from .markup import fmt, table
 
 
 def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
+    return fmt(v, 3)
 
 
 def _img(png: bytes | None, alt: str) -> str:

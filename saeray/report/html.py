@@ -8,11 +8,10 @@ from __future__ import annotations
 import base64
 import html
 import logging
-import math
 from typing import Callable
 
 from ..evaluate.concepts import F1_FOUND
-from .markup import table
+from .markup import fmt, table
 from .plots import tradeoff_png
 from .emergence import render_html as render_emergence
 from .sweeps import render_html as render_sweeps
@@ -32,11 +31,7 @@ mark{background:#ffe08a;padding:0 2px}p.lk{margin:1.6em 0 0}p.lk+table{margin-to
 
 
 def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    return fmt(v, 4)
 
 
 def _table(header: list[str], rows: list[list], left: int = 1) -> str:

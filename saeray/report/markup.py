@@ -3,7 +3,18 @@ strings are never markup), the first ``left`` columns left-aligned, numbers form
 from __future__ import annotations
 
 import html
+import math
 from typing import Callable
+
+
+def fmt(v, digits: int = 3, grouped: bool = False) -> str:
+    """A table cell's text: – for missing or NaN, floats to ``digits`` significant digits (with
+    ``grouped``, values from 1000 up as whole numbers with thousands separators)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if grouped and abs(v) >= 1000 else f"{v:.{digits}g}"
+    return str(v)
 
 
 def table(header: list[str], rows: list[list], fmt: Callable[[object], str], left: int = 1) -> str:

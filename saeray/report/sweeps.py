@@ -7,7 +7,7 @@ import html
 import math
 from typing import Callable
 
-from .markup import table
+from .markup import fmt, table
 
 AGREE_COLS = (("kept", "prompts kept"), ("n_active", "active latents"),
               ("gradsae_spearman", "GradSAE ρ"), ("gradsae_topk_overlap", "GradSAE top-k"),
@@ -20,11 +20,7 @@ OUTPUT_WORDS = {"prob": "probability", "logprob": "log-probability", "logit_diff
 
 
 def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return str(v)
+    return fmt(v, 3, grouped=True)
 
 
 def agreement_rows(res: dict) -> list[dict]:
