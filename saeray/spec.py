@@ -301,6 +301,33 @@ class EmergenceSpec(_Strict):
         return self
 
 
+class DashboardsSpec(_Strict):
+    """Per-latent feature dashboards (docs/report.md): what fires each latent and what it promotes,
+    computed from the harvested activations and written in SAEDashboard's batch layout. Defaults
+    follow SAEDashboard's where they exist (50-bin histograms, 10 logit rows, top contexts plus
+    samples from lower activation quantiles), with fewer contexts per latent so that a report of
+    thousands of latents stays a few MB."""
+
+    enabled: bool = True
+    all_up_to: int = Field(256, ge=0, description="SAEs this wide or narrower show every latent; wider ones "
+                           "show the groups below")
+    frequent: int = Field(64, ge=0, description="the most frequently firing latents")
+    influential: int = Field(64, ge=0, description="the latents with the largest mean GradSAE score (when a "
+                             "GradSAE sweep ran on this SAE)")
+    random: int = Field(64, ge=0, description="a uniform sample of the latents that fired at least once")
+    tokens: int = Field(262_144, ge=1, description="harvested tokens per hook point the dashboards are computed on "
+                        "(the first ones, in corpus order)")
+    top: int = Field(10, ge=1, description="top activating contexts per latent (SAEDashboard: 20)")
+    quantiles: int = Field(4, ge=0, description="lower activation intervals sampled from (SAEDashboard: 5)")
+    per_quantile: int = Field(3, ge=1, description="contexts sampled per interval (SAEDashboard: 5)")
+    before: int = Field(12, ge=0, description="tokens shown before the activating token")
+    after: int = Field(4, ge=0, description="tokens shown after it")
+    logit_rows: int = Field(10, ge=1, description="tokens promoted and suppressed in the logit lens")
+    neighbours: int = Field(5, ge=1, description="nearest latents by decoder cosine")
+    batch_latents: int = Field(256, ge=1, description="latents per work item (the resume granularity)")
+    seed: int = 0
+
+
 class StoreSpec(_Strict):
     url: str = "./runs"
     endpoint_url: Optional[str] = None
@@ -370,6 +397,8 @@ class AuditSpec(_Strict):
     sweeps: list[SweepSpec] = Field(default_factory=list, description="causal sweeps over SAE latents (docs/sweeps.md)")
     emergence: Optional[EmergenceSpec] = Field(None, description="concept emergence across checkpoints, layers and "
                                                "sizes (docs/emergence.md)")
+    dashboards: DashboardsSpec = Field(default_factory=DashboardsSpec, description="per-latent feature dashboards "
+                                       "in the report (docs/report.md)")
     store: StoreSpec = Field(default_factory=StoreSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 

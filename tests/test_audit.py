@@ -50,7 +50,8 @@ def test_audit_end_to_end_and_rerun_skips(ray_local, tiny_model, tmp_path):
         assert row["n_concepts"] >= 8    # storyworld labels scored
     assert on_disk["saes"][0]["revision"] == "main" and on_disk["saes"][0]["model"] == tiny_model
     assert set(on_disk["stage_wall_s"]) == {"neox@main", "report"}
-    assert set(on_disk["stage_wall_s"]["neox@main"]) == {"harvest", "train", "evaluate", "sweeps"}
+    assert set(on_disk["stage_wall_s"]["neox@main"]) == {"harvest", "train", "evaluate", "presence", "sweeps",
+                                                          "dashboards"}
     html = (root / "report" / "index.html").read_text()
     assert "resid_post.3" in html and "data:image/png;base64," in html
     assert (root / "report" / "l0_vs_fvu.png").stat().st_size > 1000

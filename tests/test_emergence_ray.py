@@ -85,8 +85,9 @@ def test_emergence_job_end_to_end_rerun_and_kill(ray_local, tmp_path):
         assert [r["model"] for r in s["behaviour"][b]] == list(layers)
     for name in ["emergence_curves.png", "scale_curves.png", "behaviour.png"] + [f"layer_maps_{m}.png" for m in layers]:
         assert (run / "emergence" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    page = (run / "report" / "index.html").read_text()
-    assert "Emergence across checkpoints" in page and "Time thresholds" in page and page.count("data:image/png") >= 6
+    page = (run / "report" / "emergence.html").read_text()
+    assert 'href="emergence.html"' in (run / "report" / "index.html").read_text()
+    assert "Emergence across checkpoints" in page and "Time thresholds" in page and page.count("data:image/png") >= 5
 
     # re-running the finished job recomputes nothing
     files = [p for p in run.rglob("*") if p.is_file() and ("emergence" in p.parts or p.suffix == ".safetensors")]

@@ -81,6 +81,16 @@ def test_lookup_sweep_writes_its_tables_and_a_killed_driver_resumes(ray_local, t
     assert top["n_neurons"] == 4 and top["n_pairs"] == sum(p["set"] == "top" for p in pairs)
     assert set(out["sets"]) == {"top", "random", "copy"} and "induction_match" in out["sets"]["copy"]
     assert _records(root) == 1 + 2 + 1 + 2 and _records(root, "explained") == 5
+    # the look-up page in a real browser: loads clean, the activating tokens marked, explanations shown
+    from browser import check_all_pages
+
+    from saeray.report.build import build_report
+    from saeray.store import Store
+
+    run = Store.open(str(root / "lk"))
+    build_report(run, run.read_json("manifest.json"))
+    pages = check_all_pages(root / "lk" / "report", "lookups")
+    assert "<mark>" in pages["sweep-l.html"] and "(rule: " in pages["sweep-l.html"]
 
     # a second run finds everything done and rewrites nothing
     stamps = {p: p.stat().st_mtime_ns for p in _base(root).rglob("*.parquet")}

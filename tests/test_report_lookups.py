@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 
 from saeray.report import lookups
-from saeray.report.html import render, tables_reader
+from saeray.report.build import tables_reader
+from saeray.report.page import asset_files
 from saeray.report.sweeps import render_html as render_sweeps
 from saeray.report.sweeps import render_text as render_sweeps_text
 from saeray.sweeps.lookup_tables import SCHEMAS
@@ -189,16 +190,17 @@ def test_report_page_reads_lookup_tables_from_the_run_folder(tmp_path):
                                                      "folder": "targets/sw@main"}],
                "stage_wall_s": {}, "sweeps": {T: {"lk": RES}}}
     run = Store.open(str(tmp_path))
-    page, _ = render(summary, {}, tables_reader(run, summary))
-    assert re.search(r"(?m)(^|\})mark\{", page) and "td.w{" in page       # the stylesheet has the section's rules
+    page = render_sweeps(T, {"lk": RES}, tables_reader(run, summary))
+    css = asset_files()["report.css"].decode()
+    assert re.search(r"(?m)(^|\})mark\{", css) and "td.w{" in css       # the stylesheet has the section's rules
     assert "emma has a <mark>pet0</mark>" in page and "&lt;script&gt;" in page and "<script>" not in page
     # a sweep whose tables are missing or unreadable: figures only, the page still renders
     assert tables_reader(run, summary)("other@main", "lk") is None
     (tmp_path / "targets/sw@main/sweeps/lk/neurons/top@L02@000.parquet").write_bytes(b"not parquet")
-    page, _ = render(summary, {}, tables_reader(run, summary))
+    page = render_sweeps(T, {"lk": RES}, tables_reader(run, summary))
     assert "could not be read" in page and "<td>0.873\u00a0±\u00a00.200</td>" in page
     # without a reader (as before): figures only
-    assert "could not be read" in render(summary, {})[0]
+    assert "could not be read" in render_sweeps(T, {"lk": RES})
 
 
 @pytest.mark.parametrize("v,want", [(math.nan, "–"), (None, "–"), (0.25, "25%")])

@@ -126,8 +126,13 @@ def test_sweep_in_the_audit_report_and_added_to_a_finished_audit(ray_local, tiny
     summary = run_audit(parse_spec(json.dumps(d)))
     assert sae.stat().st_mtime == mtime
     assert summary["sweeps"]["neox@main"]["g"]["agreement"][0]["prompts"] == 6
-    html = (root / "report" / "index.html").read_text()
-    assert "Sweep g in neox@main" in html and "GradSAE ρ" in html and "Masking: topk-w64-k4 on q" in html
+    html = (root / "report" / "sweep-g.html").read_text()
+    assert 'href="sweep-g.html"' in (root / "report" / "index.html").read_text()
+    assert "Sweep g in neox@main" in html and 'alt="GradSAE score against exact ablation effect"' in html
+    from browser import check_all_pages
+
+    pages = check_all_pages(root / "report", "gradsae")
+    assert {"index.html", "sweep-g.html"} <= set(pages) and any(p.startswith("dashboards/") for p in pages) and "GradSAE ρ" in html and "Masking: topk-w64-k4 on q" in html
     # changing a finished sweep's settings is refused, naming the field; a new name is accepted
     changed = dict(d, sweeps=[dict(d["sweeps"][0], ks=[1])])
     with pytest.raises(InputError, match=r"sweep 'g' .* \(sweeps\.ks changed\); give the sweep a new name"):

@@ -55,7 +55,8 @@ def test_two_checkpoints_audited_side_by_side(ray_local, tmp_path):
         {(rev, f"resid_post.{i}") for rev in ("step16", "main") for i in range(2)}
     assert all(r["ce_loss_recovered"] is not None for r in summary["saes"])
     html = (tmp_path / "store" / "two" / "report" / "index.html").read_text()
-    assert "step16" in html and f"Planted concepts in {MODEL}@main" in html
+    concepts = (tmp_path / "store" / "two" / "report" / "concepts.html").read_text()
+    assert "step16" in html and f"{MODEL}@main · resid_post.1" in concepts and f"{MODEL}@step16" in concepts
     got = {}
     for t in rc.targets:
         st = rc.target(t).store

@@ -3,7 +3,8 @@
 thresholds, re-activations, feature matching and lineages, behaviour beside features, and the
 figures. Written under ``<run>/emergence/``::
 
-    scores.parquet     every target's presence rows with model, size, revision and step
+    scores.parquet     every target's presence rows of the chosen SAE (``emergence.sae``) and of the
+                       linear probe, with model, size, revision and step
     matching.parquet   decoder-cosine summaries of neighbouring checkpoints and layers
     summary.json       everything the report and ``saeray bench emergence`` print
     *.png              emergence curves, layer maps, scale curves, behaviour
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 
 from . import matching, thresholds
 from .behaviour import BEHAVIOURS, behaviour_steps, zoo_curves
-from .presence import read_presence
+from .presence import choose_sae, read_presence
 
 log = logging.getLogger("saeray")
 
@@ -45,9 +46,18 @@ def _final_step(model: str) -> int | None:
     return None
 
 
+def of_sae(tab: pa.Table, sae: str) -> pa.Table:
+    """The presence rows the analysis reads: SAE ``sae``'s, and the linear probe's (no SAE)."""
+    import pyarrow.compute as pc
+
+    return tab.filter(pc.or_(pc.equal(tab["measure"], "linear"), pc.fill_null(pc.equal(tab["sae"], sae), False)))
+
+
 def grid(rc) -> tuple[pa.Table, list[dict]]:
-    """All presence rows with (model, size, revision, step) columns, and the targets in grid order."""
+    """All presence rows of the chosen SAE (and the linear probe) with (model, size, revision,
+    step) columns, and the targets in grid order."""
     spec = rc.resolved
+    sae = choose_sae(spec)
     sizes = {m.name: i for i, m in enumerate(spec.models)}
     steps_by_model: dict[str, list[int]] = {}
     for t in rc.targets:
@@ -64,7 +74,10 @@ def grid(rc) -> tuple[pa.Table, list[dict]]:
         if t.revision == "main" and step in steps_by_model.get(t.model, []):
             log.info(f"emergence: {t} is the same checkpoint as step{step}; counted once")
             continue
-        tab = read_presence(rc.store / t.folder, res["hookpoints"])
+        if sae not in res.get("saes", [sae]):
+            raise RuntimeError(f"emergence: target {t} has no presence scores of SAE {sae} "
+                               f"(scored: {', '.join(res['saes'])})")
+        tab = of_sae(read_presence(rc.store / t.folder, res["hookpoints"], res.get("sae")), sae)
         n = tab.num_rows
         tab = (tab.append_column("model", pa.array([t.model] * n, pa.string()))
                   .append_column("size", pa.array([sizes[t.model]] * n, pa.int32()))
@@ -72,7 +85,7 @@ def grid(rc) -> tuple[pa.Table, list[dict]]:
                   .append_column("step", pa.array([step] * n, pa.int64())))
         parts.append(tab)
         targets.append({"target": t.id, "model": t.model, "size": sizes[t.model], "revision": t.revision, "step": step,
-                        "folder": t.folder, "sae": res["sae"], "hookpoints": res["hookpoints"]})
+                        "folder": t.folder, "sae": sae, "hookpoints": res["hookpoints"]})
     return pa.concat_tables(parts), targets
 
 

@@ -318,3 +318,17 @@ def route(names: Iterable[str], ranges: Sequence[tuple[int, int]], n_layers: int
     """Distribute hook point names (globs allowed) to the stages whose layers hold them."""
     points = expand(list(names), n_layers, n_heads)
     return [[hp.name for hp in points if a <= hp.layer < b] for a, b in ranges]
+
+
+def read_unembedding(ref) -> torch.Tensor:
+    """W_U [d_model, vocab] of a model (a ModelRef) as float32, read alone from its safetensors (the
+    feature dashboards' logit lens needs nothing else of the model)."""
+    from .load import resolve
+
+    skeleton = ref.meta_model()
+    names = {id(m): n for n, m in skeleton.named_modules()}
+    full = view(skeleton)
+    path, rev = resolve(ref.path, ref.revision)
+    key = f"{names[id(full.unembed)]}.weight"
+    w = _read_tensors(skeleton, path, rev, {"w": key}, skeleton.config, full.family)["w"]
+    return w.float().T.contiguous()

@@ -1,10 +1,20 @@
 """The one HTML table writer of the report: every cell escaped (model-, spec- and corpus-derived
-strings are never markup), the first ``left`` columns left-aligned, numbers formatted by ``fmt``."""
+strings are never markup) unless it is :class:`Html` the report built itself from escaped parts,
+the first ``left`` columns left-aligned, numbers formatted by ``fmt``. Tables sit in a scrolling
+box, so a wide one scrolls on its own instead of widening the page."""
 from __future__ import annotations
 
 import html
 import math
 from typing import Callable
+
+
+class Html(str):
+    """A cell that is already markup (a link built from escaped parts); written as it is."""
+
+
+def link(href: str, text: str) -> Html:
+    return Html(f'<a href="{html.escape(href, quote=True)}">{html.escape(text)}</a>')
 
 
 def fmt(v, digits: int = 3, grouped: bool = False) -> str:
@@ -17,8 +27,17 @@ def fmt(v, digits: int = 3, grouped: bool = False) -> str:
     return str(v)
 
 
-def table(header: list[str], rows: list[list], fmt: Callable[[object], str], left: int = 1) -> str:
-    h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f'<td{" class=l" if i < left else ""}>{html.escape(fmt(v))}</td>'
-                                    for i, v in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><tr>{h}</tr>{body}</table>"
+def _cell(v, i: int, left: int, fmt: Callable[[object], str]) -> str:
+    cls = " class=l" if i < left else ""
+    if isinstance(v, Html):
+        return f"<td{cls}>{v}</td>"
+    return f"<td{cls}>{html.escape(fmt(v))}</td>"
+
+
+def table(header: list[str], rows: list[list], fmt: Callable[[object], str], left: int = 1,
+          sortable: bool = False, cls: str = "") -> str:
+    h = "".join(f'<th{" class=l" if i < left else ""}>{html.escape(c)}</th>' for i, c in enumerate(header))
+    body = "".join("<tr>" + "".join(_cell(v, i, left, fmt) for i, v in enumerate(r)) + "</tr>" for r in rows)
+    classes = " ".join(c for c in (cls, "sortable" if sortable else "") if c)
+    attr = f' class="{classes}"' if classes else ""
+    return f"<div class=scroll><table{attr}><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table></div>"

@@ -51,3 +51,44 @@ def tradeoff_png(rows: list[dict], y: str, ylabel: str, title: str) -> bytes | N
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def gradsae_scatter_png(rows: list[dict]) -> bytes | None:
+    """|GradSAE score| against |exact ablation effect|, one panel per (hook point, SAE), log scales
+    (values below 1e-9 drawn at 1e-9), with each panel's Spearman ρ over all its points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("gradsae") is not None and r.get("exact") is not None:
+            groups.setdefault((r["hookpoint"], r["sae"]), []).append(r)
+    if not groups:
+        return None
+    n = len(groups)
+    ncol = min(4, n)
+    nrow = (n + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol + 0.6, 2.5 * nrow + 0.4), dpi=100, squeeze=False)
+    for ax, ((hp, sae), g) in zip(axes.flat, groups.items()):
+        x = np.maximum(np.abs([r["gradsae"] for r in g]), 1e-9)
+        y = np.maximum(np.abs([r["exact"] for r in g]), 1e-9)
+        ax.scatter(x, y, s=4, alpha=0.35, color="#4f6fb0", linewidth=0)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        rho = spearmanr(x, y).statistic if len(g) > 2 else float("nan")
+        ax.set_title(f"{hp} {sae}\nρ = {rho:.2f}, {len(g)} points", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.supxlabel("|GradSAE score|", fontsize=9)
+    fig.supylabel("|exact effect|", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

@@ -80,12 +80,16 @@ def run_targets(rc: RunContext, stages: list[str], address: str | None = None) -
 
 
 def audit_stages(spec) -> list[str]:
-    """The per-target stages an audit runs (with what they need): presence only for emergence."""
-    return ["evaluate", "sweeps"] + (["presence"] if spec.emergence is not None else [])
+    """The per-target stages an audit runs (with what they need): presence for emergence and, where
+    the concepts are known (SAEs on a storyworld corpus with ``evaluation.concepts``), for the
+    report's planted-concept recovery; dashboards when there are SAEs and they are not switched off."""
+    concepts = spec.sae is not None and spec.evaluation.concepts and spec.corpus.source == "storyworld"
+    return (["evaluate", "sweeps"] + (["presence"] if spec.emergence is not None or concepts else [])
+            + (["dashboards"] if spec.sae is not None and spec.dashboards.enabled else []))
 
 
 def run_audit(spec: AuditSpec, store_url: str | None = None, address: str | None = None) -> dict:
-    from ..report.html import report_stage
+    from ..report.build import report_stage
     from ..report.summary import build_summary
 
     rc = open_run(spec, store_url)

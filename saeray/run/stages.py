@@ -79,13 +79,14 @@ class Stage:
 
 def registry() -> dict[str, Stage]:
     """Every per-target stage, in the order they run."""
+    from ..dashboards.stage import STAGE as dashboards
     from ..emergence.presence import STAGE as presence
     from ..evaluate.stage import STAGE as evaluate
     from ..harvest.stage import STAGE as harvest
     from ..sweeps.stage import STAGE as sweeps
     from ..train.stage import STAGE as train
 
-    return {s.name: s for s in (harvest, train, evaluate, presence, sweeps)}
+    return {s.name: s for s in (harvest, train, evaluate, presence, sweeps, dashboards)}
 
 
 def select(names: list[str], spec=None) -> list[Stage]:
