@@ -104,3 +104,22 @@ def test_batch_features_density_neighbours_and_fields():
     assert want <= set(f[0])
     r, c, v = encode(sae, t.acts, np.array([5]))
     assert set(c.tolist()) <= {0} and np.allclose(v, lat[r, 5].numpy())
+
+
+def test_planted_labels_explain_a_latent_that_fires_on_one_label():
+    from saeray.dashboards.explain import explain, planted_labels
+    from saeray.storyworld.generator import generate_doc
+
+    doc = np.concatenate([np.full(len(generate_doc(d).tokens), d) for d in range(6)]).astype(np.int64)
+    pos = np.concatenate([np.arange(len(generate_doc(d).tokens)) for d in range(6)]).astype(np.int32)
+    keep = pos > 0                                    # the harvest drops BOS
+    names, Y = planted_labels(doc[keep], pos[keep], seed=0)
+    assert Y.shape[0] == int(keep.sum()) and "category=animal" in names
+    animal = np.nonzero(Y[:, names.index("category=animal")])[0]
+    e = explain(animal, names, Y)
+    assert e["label"] == {"concept": "category=animal", "f1": 1.0, "precision": 1.0, "recall": 1.0}
+    assert "category=animal" in e["explanation"]
+    # firing on a random half of all tokens: no label holds most of its firings
+    rng = np.random.default_rng(0)
+    e = explain(np.sort(rng.choice(len(Y), len(Y) // 2, replace=False)), names, Y)
+    assert e["explanation"].startswith("no planted label")

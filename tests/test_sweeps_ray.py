@@ -132,7 +132,13 @@ def test_sweep_in_the_audit_report_and_added_to_a_finished_audit(ray_local, tiny
     from browser import check_all_pages
 
     pages = check_all_pages(root / "report", "gradsae")
-    assert {"index.html", "sweep-g.html"} <= set(pages) and any(p.startswith("dashboards/") for p in pages) and "GradSAE ρ" in html and "Masking: topk-w64-k4 on q" in html
+    assert {"index.html", "sweep-g.html"} <= set(pages) and any(p.startswith("dashboards/") for p in pages)
+    # the dashboards of the swept SAE carry each latent's GradSAE influence and planted-label explanation
+    batch = json.loads(next((root / "targets" / "neox@main" / "dashboards").glob("resid_post.1/topk-w64-k4/batch-*.json"))
+                       .read_text())
+    feats = [f["saeray"] for f in batch["features"]]
+    assert all(f["explainer"] == "planted labels" and f["explanation"] for f in feats)
+    assert any(f.get("influence", {}).get("gradsae", 0) > 0 for f in feats) and "GradSAE ρ" in html and "Masking: topk-w64-k4 on q" in html
     # changing a finished sweep's settings is refused, naming the field; a new name is accepted
     changed = dict(d, sweeps=[dict(d["sweeps"][0], ks=[1])])
     with pytest.raises(InputError, match=r"sweep 'g' .* \(sweeps\.ks changed\); give the sweep a new name"):

@@ -17,7 +17,7 @@ Per latent:
   feature tables have 3 rows); ``l1`` their share of the direction's L1 norm;
 * ``saeray``: what SAEDashboard has no field for: the latent's groups in this dashboard, its
   firing count, its nearest latents by decoder cosine, its planted concept and GradSAE influence
-  where known. Correlated neurons/features and ``decoder_weights_dist`` are left empty.
+  where known, and on storyworld its explanation by the planted labels (:mod:`.explain`). Correlated neurons/features and ``decoder_weights_dist`` are left empty.
 """
 from __future__ import annotations
 
@@ -157,9 +157,13 @@ def neighbours(directions: torch.Tensor, latents: np.ndarray, n: int) -> tuple[n
 
 
 def batch_features(sae, t: Tokens, latents: list[int], vocab: list[str], W_U: torch.Tensor | None, opts,
-                   extra: dict[int, dict], n_contexts: int, context_len: int, dataset: str) -> list[dict]:
+                   extra: dict[int, dict], n_contexts: int, context_len: int, dataset: str,
+                   labels: tuple[list[str], np.ndarray] | None = None) -> list[dict]:
     """The SAEDashboard feature dicts of ``latents`` (``opts``: the spec's dashboards section;
-    ``extra``: per latent the ``saeray`` fields known before this item, groups, concept, influence)."""
+    ``extra``: per latent the ``saeray`` fields known before this item, groups, concept, influence;
+    ``labels``: planted labels of the rows of ``t`` (storyworld), which explain each latent)."""
+    from .explain import explain
+
     lat = np.asarray(latents, dtype=np.int64)
     r, c, v = encode(sae, t.acts, lat)
     order = np.lexsort((r, c))
@@ -192,6 +196,7 @@ def batch_features(sae, t: Tokens, latents: list[int], vocab: list[str], W_U: to
                                     per_quantile=opts.per_quantile, before=opts.before, after=opts.after, rng=rng),
             "saeray": {"n_fired": int(len(vals_j)), "max_act": round(float(vals_j.max()), 5) if len(vals_j) else 0.0,
                        "neighbours": [int(i) for i in nb_i[j]], "neighbour_cos": _round(nb_c[j], 4),
+                       **(explain(rows_j, *labels) if labels is not None else {}),
                        **extra.get(latent, {})},
         })
     return feats

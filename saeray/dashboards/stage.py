@@ -58,8 +58,9 @@ def needs_for(spec) -> tuple[str, ...]:
     return ("train", "evaluate") + (("sweeps",) if spec.sweeps else ())
 
 
-def load_tokens(target_store, hookpoint: str, limit: int):
-    """The first ``limit`` harvested rows of a hook point, in corpus order (records' unit order)."""
+def load_tokens(target_store, hookpoint: str, limit: int, acts: bool = True):
+    """The first ``limit`` harvested rows of a hook point, in corpus order (records' unit order);
+    without ``acts``, only their positions (``acts`` is then empty)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -71,14 +72,14 @@ def load_tokens(target_store, hookpoint: str, limit: int):
     parts, n = [], 0
     for rel in ds.files:
         with ds.store.fs.open(ds.store.path(rel), "rb") as f:
-            t = pq.read_table(f, columns=["doc", "pos", "token", "act"])
+            t = pq.read_table(f, columns=["doc", "pos", "token", "act"] if acts else ["doc", "pos", "token"])
         parts.append(t.slice(0, limit - n))
         n += parts[-1].num_rows
         if n >= limit:
             break
     t = pa.concat_tables(parts)
-    return Tokens(acts_to_numpy(t.column("act")), t.column("doc").to_numpy(), t.column("pos").to_numpy(),
-                  t.column("token").to_numpy())
+    a = acts_to_numpy(t.column("act")) if acts else np.zeros((t.num_rows, 0), np.float16)
+    return Tokens(a, t.column("doc").to_numpy(), t.column("pos").to_numpy(), t.column("token").to_numpy())
 
 
 def count_task(target_url: str, options: dict, hookpoint: str, limit: int, sae_url: str) -> tuple[np.ndarray, int]:
@@ -95,7 +96,7 @@ def count_task(target_url: str, options: dict, hookpoint: str, limit: int, sae_u
 
 
 def batch_task(target_url: str, options: dict, hookpoint: str, limit: int, sae_url: str, latents: list[int],
-               vocab: list[str], W_U, opts: dict, extra: dict, header: dict, context_len: int) -> bytes:
+               vocab: list[str], W_U, opts: dict, extra: dict, header: dict, context_len: int, labels=None) -> bytes:
     """Ray task: one latent batch's SAEDashboard JSON (bytes)."""
     import torch
 
@@ -108,7 +109,8 @@ def batch_task(target_url: str, options: dict, hookpoint: str, limit: int, sae_u
     t = load_tokens(Store(target_url, options), hookpoint, limit)
     sae = sae_io.load(sae_url, device="cpu")
     feats = batch_features(sae, t, latents, vocab, W_U, DashboardsSpec(**opts), extra,
-                           n_contexts=int(len(np.unique(t.doc))), context_len=context_len, dataset=header["dataset"])
+                           n_contexts=int(len(np.unique(t.doc))), context_len=context_len, dataset=header["dataset"],
+                           labels=labels if labels is None or len(labels[1]) == len(t) else None)
     return json.dumps({**header, "features": feats}, ensure_ascii=False).encode()
 
 
@@ -168,6 +170,21 @@ def _vocab(tok) -> list[str]:
 def _two_words(words: list[str]) -> tuple[int | None, int | None]:
     found = [i for i, w in enumerate(words) if w.isalpha()][:2]
     return (found[0], found[1]) if len(found) == 2 else (None, None)
+
+
+def _labels(spec, store, hp: str, limit: int):
+    """Storyworld's planted labels of the dashboard rows (every hook point harvests the same rows),
+    which explain each latent; None on other corpora."""
+    if spec.corpus.source != "storyworld":
+        return None
+    from .explain import planted_labels
+
+    t = load_tokens(store, hp, limit, acts=False)
+    try:
+        return planted_labels(t.doc, t.pos, spec.corpus.seed)
+    except ValueError as e:
+        log.warning(f"dashboards: no planted-label explanations ({e})")
+        return None
 
 
 def _model_id(target) -> str:
@@ -249,6 +266,7 @@ def run(ctx: TargetContext, inputs: dict) -> DashboardsResult:
             log.warning(f"dashboards {target}: no logit lens ({e})")
             W_U = None
         wu_ref = ray.put(W_U)
+        labels_ref = ray.put(_labels(spec, store, items[0][0], limit))
         task = ray.remote(batch_task).options(**task_opts)
         pending = {}
         items_of = {(hp, name, k): b for hp, name, k, b in items}
@@ -262,7 +280,7 @@ def run(ctx: TargetContext, inputs: dict) -> DashboardsResult:
                       "sae_id_suffix": None if p.head is None else f"h{p.head}", "hook_point": hp, "sae": name, "target": target.id,
                       "dataset": spec.corpus.source}
             ref = task.remote(store.url, store.options, hp, limit, url(saes[hp][name]["path"]), b, vocab_ref, wu_ref,
-                              od, extra, header, spec.corpus.context_len)
+                              od, extra, header, spec.corpus.context_len, labels_ref)
             pending[ref] = (hp, name, k)
         with progress(f"dashboards {target}", total=len(pending), unit="batch") as bar:
             while pending:

@@ -41,6 +41,13 @@ def storyworld_concepts(contexts, seed: int) -> tuple[list[str], np.ndarray]:
     rows = flat[keep]
     if (rows < 0).any():
         raise ValueError("held-out contexts hold tokens without storyworld labels (is the corpus storyworld?)")
+    return concept_matrix(tab, rows)
+
+
+def concept_matrix(tab: dict, rows: np.ndarray, min_positives: int = MIN_POSITIVES) -> tuple[list[str], np.ndarray]:
+    """Concept names and a bool matrix [len(rows), concepts] from a storyworld labels table (as a
+    dict of columns) and the table rows of the tokens; concepts with fewer than ``min_positives``
+    positives are left out."""
     names: list[str] = []
     cols: list[np.ndarray] = []
     for c in _BOOL:
@@ -59,7 +66,7 @@ def storyworld_concepts(contexts, seed: int) -> tuple[list[str], np.ndarray]:
             names.append(f"{c}={v}")
             cols.append(vals == v)
     m = np.stack(cols, 1)
-    ok = m.sum(0) >= MIN_POSITIVES
+    ok = m.sum(0) >= min_positives
     return [n for n, k in zip(names, ok) if k], m[:, ok]
 
 

@@ -47,7 +47,7 @@ def render(run: str, nav: list[NavLink], target: str, hp: str, sae: str, width: 
             "with #index. Contexts: the token's shading is its activation over the latent's maximum; the outlined "
             "token is the one the context was chosen for.</p>"
             "<div class=dash><div><div class=filters><select id=group aria-label=group><option value=''>all groups"
-            "</option></select><input id=search type=search placeholder='latent or concept' aria-label=search></div>"
+            "</option></select><input id=search type=search placeholder='latent, concept or label' aria-label=search></div>"
             "<div class=list><table id=latents class=sortable><thead><tr><th>latent</th><th class=l>groups</th>"
             "<th>density</th><th>max</th><th class=l>concept</th><th>GradSAE rank</th></tr></thead><tbody></tbody>"
             "</table></div></div><div id=feature class=feature></div></div>")

@@ -23,6 +23,10 @@
     var c = (f.saeray || {}).concepts || [];
     return c.map(function (x) { return x.concept; }).join(", ");
   }
+  function searchable(f) {
+    var x = f.saeray || {};
+    return concepts(f) + " " + (x.explanation || "");
+  }
 
   function hist(values, heights, w, h, label) {
     var ns = "http://www.w3.org/2000/svg";
@@ -91,7 +95,7 @@
       return c.concept + " (best latent: F1 " + num(c.f1, 2) + ", AUROC " + num(c.auroc, 3) + ")"; }).join("; "));
     if (x.influence) fact(tb, "GradSAE influence", "mean |score| " + num(x.influence.gradsae) + ", mean |exact effect| " +
       num(x.influence.exact) + ", rank " + x.influence.rank + " (sweep " + x.influence.sweep + ", " + x.influence.prompts + " prompts)");
-    if (x.explanation) fact(tb, "explanation", x.explanation);
+    if (x.explanation) fact(tb, "explanation" + (x.explainer ? " (" + x.explainer + ")" : ""), x.explanation);
     var nb = el("span");
     (x.neighbours || []).forEach(function (j, i) {
       var label = j + " (" + num(x.neighbour_cos[i], 2) + ")";
@@ -128,7 +132,7 @@
     var t = document.getElementById("latents"), b = t.tBodies[0];
     D.features.forEach(function (f) {
       var x = f.saeray || {};
-      var tr = el("tr", { "data-latent": f.feature_index, "data-groups": (x.groups || []).join(" "), "data-text": concepts(f) });
+      var tr = el("tr", { "data-latent": f.feature_index, "data-groups": (x.groups || []).join(" "), "data-text": searchable(f) });
       tr.appendChild(el("td", null, f.feature_index));
       tr.appendChild(el("td", { "class": "l" }, (x.groups || []).join(", ")));
       var d = el("td", { "data-v": f.frac_nonzero }, pct(f.frac_nonzero)); tr.appendChild(d);
