@@ -46,7 +46,14 @@ def key(spec, target) -> dict:
     from ..train.stage import key as train_key
 
     d = spec.dashboards.model_dump(mode="json")
-    return {**train_key(spec, target), **{f"dashboards.{k}": v for k, v in d.items() if k != "enabled"}}
+    return {**train_key(spec, target), **{f"dashboards.{k}": v for k, v in d.items() if k != "enabled"},
+            "dashboards.influence_from": influence_sweeps(spec)}
+
+
+def influence_sweeps(spec) -> list[str]:
+    """The GradSAE sweeps whose scores rank the influential group: a sweep added to a finished run
+    changes the dashboards."""
+    return [sw.name for sw in spec.sweeps if sw.method == "gradsae"]
 
 
 def check(spec, targets) -> None:
@@ -202,7 +209,7 @@ def run(ctx: TargetContext, inputs: dict) -> DashboardsResult:
     spec, target, store = ctx.spec, ctx.target, ctx.store
     opts = spec.dashboards
     od = opts.model_dump(mode="json")
-    h = _hash(od)
+    h = _hash({**od, "influence_from": influence_sweeps(spec)})
     saes = inputs["train"].saes
     hps = [hp for hp in plan(spec, target).hookpoints if hp in saes]
     limit = opts.tokens
