@@ -19,8 +19,7 @@ import time
 from typing import Callable
 
 from ..evaluate.concepts import F1_FOUND
-from .markup import fmt, link, table
-from .overview import img
+from .markup import fmt, img, link, table
 from .page import NavLink, asset_files, page
 
 log = logging.getLogger("saeray")

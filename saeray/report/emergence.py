@@ -4,20 +4,13 @@ the concepts it needs, and how features match and persist across checkpoints. On
 HTML page and one for the terminal (``saeray bench emergence``)."""
 from __future__ import annotations
 
-import base64
 import html
 
-from .markup import fmt, table
+from .markup import fmt, img, table
 
 
 def _fmt(v) -> str:
     return fmt(v, 3)
-
-
-def _img(png: bytes | None, alt: str) -> str:
-    if not png:
-        return ""
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
 def _settings_line(st: dict) -> str:
@@ -64,12 +57,12 @@ def render_html(s: dict, pngs: dict[str, bytes]) -> str:
     steps = [x for x in s["steps"] if x != 0]
     parts = ["<h2>Emergence across checkpoints, layers and sizes</h2>",
              f"<p class=muted>{html.escape(_settings_line(s['settings']))}. Definitions: docs/emergence.md.</p>",
-             _img(pngs.get("emergence_curves.png"), "emergence curves"),
+             img(pngs.get("emergence_curves.png"), "emergence curves"),
              "<h3>Time thresholds: the first checkpoint from which the concept stays present</h3>",
              table(["concept"] + models, time_rows(s), _fmt),
              "<h3>Scale thresholds: the smallest size where the concept is present</h3>",
              table(["concept"] + [f"step {x}" for x in steps], scale_rows(s), _fmt),
-             _img(pngs.get("scale_curves.png"), "scale curves")]
+             img(pngs.get("scale_curves.png"), "scale curves")]
     if s["reactivations"]:
         parts += ["<h3>Re-activations: present at one layer, absent at a later one, present again</h3>",
                   table(["concept", "model", "step", "present at", "absent at", "present again at"],
@@ -89,12 +82,12 @@ def render_html(s: dict, pngs: dict[str, bytes]) -> str:
                         [[r["concept"], r["model"], r["step0_best"]] for r in s["removed_by_step0_control"]],
                         _fmt, left=2)]
     for m in models:
-        parts.append(_img(pngs.get(f"layer_maps_{m}.png"), f"layer maps {m}"))
+        parts.append(img(pngs.get(f"layer_maps_{m}.png"), f"layer maps {m}"))
     if s.get("behaviour"):
         parts += ["<h3>Behaviour beside features</h3>",
                   table(["behaviour", "model", "possible from step", "its concepts' emergence steps"],
                         behaviour_rows(s), _fmt, left=4),
-                  _img(pngs.get("behaviour.png"), "behaviour")]
+                  img(pngs.get("behaviour.png"), "behaviour")]
     parts += ["<h3>Features matched across checkpoints (one-to-one, share of features)</h3>",
               table(["model", "checkpoints", "matched share"], matching_rows(s), _fmt, left=2),
               "<h3>Features matched across neighbouring layers at the last checkpoint</h3>",

@@ -4,6 +4,7 @@ the first ``left`` columns left-aligned, numbers formatted by ``fmt``. Tables si
 box, so a wide one scrolls on its own instead of widening the page."""
 from __future__ import annotations
 
+import base64
 import html
 import math
 from typing import Callable
@@ -11,6 +12,13 @@ from typing import Callable
 
 class Html(str):
     """A cell that is already markup (a link built from escaped parts); written as it is."""
+
+
+def img(png: bytes | None, alt: str) -> str:
+    """A plot inlined as a data URI (the page then needs no file beside it); nothing for no plot."""
+    if not png:
+        return ""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
 def link(href: str, text: str) -> Html:

@@ -3,11 +3,10 @@ analysis and the report's own), every SAE with its metrics in a sortable table w
 feature dashboard, the trade-off plots, and links to every method's page."""
 from __future__ import annotations
 
-import base64
 import html
 
 from ..evaluate.concepts import F1_FOUND
-from .markup import Html, fmt, link, table
+from .markup import fmt, img, link, table
 
 COLUMNS = (("target", "target"), ("hookpoint", "hook point"), ("arch", "arch"), ("width", "width"), ("k", "k"),
            ("l1", "l1"), ("l0", "L0"), ("fvu", "FVU"), ("ce_loss_recovered", "CE recovered"), ("kl", "KL"),
@@ -18,12 +17,6 @@ STAGES = ("harvest", "train", "evaluate", "presence", "sweeps", "dashboards")
 
 def _fmt(v) -> str:
     return fmt(v, 4)
-
-
-def img(png: bytes | None, alt: str) -> str:
-    if not png:
-        return ""
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
 def stage_tables(summary: dict, report_s: float | None) -> str:
@@ -84,5 +77,3 @@ def render(summary: dict, pngs: dict[str, bytes], sections: list[tuple[str, str,
                  "each target's activations, SAEs, eval.json and dashboards (docs/store.md).</p>")
     return "\n".join(parts)
 
-
-__all__ = ["render", "img", "Html"]
