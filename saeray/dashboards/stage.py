@@ -239,16 +239,18 @@ def run(ctx: TargetContext, inputs: dict) -> DashboardsResult:
 
     infl_of = {(hp, name): influence(store, spec, hp, name) for hp, name in todo_saes}
     conc_of = {(hp, name): concept_latents(store, hp, name) for hp, name in todo_saes}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        hp, name = pending.pop(ready[0])
-        c, n = ray.get(ready[0])
-        infl = {i: v["gradsae"] for i, v in infl_of[(hp, name)].items()}
-        groups = select(c, opts, infl, list(conc_of[(hp, name)]))
-        sel = {"hash": h, "tokens": int(n), "width": len(c), "counts": c.tolist(),
-               "latents": list(groups), "groups": {str(k): v for k, v in groups.items()}}
-        store.write_json(f"{folder(hp, name)}/selection.json", sel)
-        selections[(hp, name)] = sel
+    with progress(f"dashboards {target}: choosing latents", total=len(pending), unit="SAE") as bar:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            hp, name = pending.pop(ready[0])
+            c, n = ray.get(ready[0])
+            infl = {i: v["gradsae"] for i, v in infl_of[(hp, name)].items()}
+            groups = select(c, opts, infl, list(conc_of[(hp, name)]))
+            sel = {"hash": h, "tokens": int(n), "width": len(c), "counts": c.tolist(),
+                   "latents": list(groups), "groups": {str(k): v for k, v in groups.items()}}
+            store.write_json(f"{folder(hp, name)}/selection.json", sel)
+            selections[(hp, name)] = sel
+            bar.advance(1)
 
     # 2. one task per SAE and latent batch
     items = []

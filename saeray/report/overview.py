@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 
 from ..evaluate.concepts import F1_FOUND
-from .markup import fmt, img, link, table
+from .markup import Html, fmt, img, link, table
 
 COLUMNS = (("target", "target"), ("hookpoint", "hook point"), ("arch", "arch"), ("width", "width"), ("k", "k"),
            ("l1", "l1"), ("l0", "L0"), ("fvu", "FVU"), ("ce_loss_recovered", "CE recovered"), ("kl", "KL"),
@@ -54,9 +54,10 @@ def render(summary: dict, pngs: dict[str, bytes], sections: list[tuple[str, str,
         parts.append("<ul>" + "".join(f'<li><a href="{html.escape(h, quote=True)}">{html.escape(t)}</a>: '
                                       f"{html.escape(line)}</li>" for h, t, line in sections) + "</ul>")
     parts += ["<h2 id=targets>Targets</h2>",
-              table(["model", "revision", "harvested tokens per hook point", "clean held-out loss"],
-                    [[t["model"], t["revision"], t.get("harvest_rows"), t.get("loss_clean")]
-                     for t in summary.get("targets", [])], _fmt, left=2, sortable=True),
+              table(["model", "revision", "hook points", "harvested tokens per hook point", "clean held-out loss"],
+                    [[t["model"], t["revision"], Html(f"<span class=w>{html.escape(', '.join(t.get('hookpoints') or []))}"
+                                                      "</span>"), t.get("harvest_rows"), t.get("loss_clean")]
+                     for t in summary.get("targets", [])], _fmt, left=3, sortable=True),
               "<h2 id=stages>Stage times (s)</h2>", stage_tables(summary, report_s),
               "<h2 id=saes>SAEs</h2>",
               table([c[1] for c in cols] + ["dashboard"], sae_rows, _fmt, left=left, sortable=True),

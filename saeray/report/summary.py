@@ -43,6 +43,7 @@ def build_summary(manifest_data: dict, store_url: str) -> dict:
     for tid, t in manifest_data.get("targets", {}).items():
         targets.append({"target": tid, "model": t["model"], "revision": t["revision"], "folder": t["folder"],
                         "harvest_rows": _result(t, "harvest").get("rows"),
+                        "hookpoints": _result(t, "harvest").get("hookpoints", []),
                         "loss_clean": _result(t, "evaluate").get("loss_clean")})
     walls = {tid: {n: s.get("wall_s") for n, s in t.get("stages", {}).items()}
              for tid, t in manifest_data.get("targets", {}).items()}
