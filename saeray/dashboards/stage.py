@@ -233,13 +233,11 @@ def run(ctx: TargetContext, inputs: dict) -> DashboardsResult:
             selections[(hp, name)] = store.read_json(rel)
         else:
             pending[counter.remote(store.url, store.options, hp, limit, url(saes[hp][name]["path"]))] = (hp, name)
-    if pending:
-        log.info(f"dashboards {target}: counting firings for {len(pending)} SAEs")
     from .select import select
 
     infl_of = {(hp, name): influence(store, spec, hp, name) for hp, name in todo_saes}
     conc_of = {(hp, name): concept_latents(store, hp, name) for hp, name in todo_saes}
-    with progress(f"dashboards {target}: choosing latents", total=len(pending), unit="SAE") as bar:
+    with progress(f"dashboards {target}: choosing latents (firing counts)", total=len(pending), unit="SAE") as bar:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             hp, name = pending.pop(ready[0])
