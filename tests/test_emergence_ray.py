@@ -87,7 +87,12 @@ def test_emergence_job_end_to_end_rerun_and_kill(ray_local, tmp_path):
         assert (run / "emergence" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (run / "report" / "emergence.html").read_text()
     assert 'href="emergence.html"' in (run / "report" / "index.html").read_text()
-    assert "Emergence across checkpoints" in page and "Time thresholds" in page and page.count("data:image/png") >= 5
+    assert "Emergence across checkpoints" in page
+    from browser import check_all_pages
+
+    pages = check_all_pages(run / "report", "emergence")
+    assert {"index.html", "emergence.html"} <= set(pages)
+    assert len(list((run / "report" / "dashboards").glob("*/*/*.html"))) == 9      # 6 targets, 1 + 2 layers and "Time thresholds" in page and page.count("data:image/png") >= 5
 
     # re-running the finished job recomputes nothing
     files = [p for p in run.rglob("*") if p.is_file() and ("emergence" in p.parts or p.suffix == ".safetensors")]
