@@ -207,6 +207,32 @@ def test_saeray_report_rebuilds_the_pages_from_the_store(hostile_run):
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_report_built_on_object_storage_opens_from_a_copied_folder(hostile_run, s3_url, tmp_path):
+    """`saeray report s3://...` writes the same pages through the store; copied off S3 into a
+    folder, they open in the browser as they are (relative links only, no server)."""
+    import subprocess
+    import sys
+
+    from saeray.store import Store
+
+    s3 = Store.open(s3_url) / "hostile"
+    for part in ("manifest.json", "targets"):
+        src = hostile_run / part
+        if src.is_dir():
+            s3.put_dir(str(src), part)
+        else:
+            s3.write_bytes(part, src.read_bytes())
+    out = subprocess.run([sys.executable, "-m", "saeray", "report", s3.url], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s3.get_dir("report", str(tmp_path / "copy"))
+    local = hostile_run / "report"
+    for js in local.glob("dashboards/*/*/*.js"):
+        assert (tmp_path / "copy" / js.relative_to(local)).read_bytes() == js.read_bytes()
+    pages = check_all_pages(tmp_path / "copy", "s3-copy", max_dashboards=1)
+    assert "index.html" in pages
+
+
 def test_dashboards_resume_after_a_kill_and_follow_their_settings(hostile_run):
     """Last in this module: it changes the run's dashboard settings. A changed ``dashboards``
     section recomputes the dashboards (the SAEs stay); a driver killed midway resumes, keeping the
