@@ -6,7 +6,7 @@ reader sees which concepts the SAEs miss although the model represents them.
 Per target: a summary (per SAE, how many concepts its best latent and its k-sparse probe recover
 against how many the linear probe reads, and which ones it misses), then one table per hook point:
 rows are concepts, columns the linear probe's test AUROC and, per SAE, the best latent's and the
-largest-k sparse probe's. A cell is marked (``td.miss``, see :data:`CSS`) where the linear probe
+largest-k sparse probe's. A cell is marked (``td.miss`` in ``assets/report.css``) where the linear probe
 reads the concept (AUROC >= :data:`READ`) but the SAE's measure stays below :data:`MISSED`.
 
 Every string from a model, a spec or a file (concept, hook point and SAE names, links) is escaped.
@@ -25,9 +25,6 @@ log = logging.getLogger("saeray")
 
 READ = 0.9       # the linear probe reads a concept / an SAE measure recovers it: test AUROC >= this
 MISSED = 0.8     # ... and an SAE measure below this is "represented but missed"
-
-# for the page's stylesheet (report/html.py): marked cells and the latent index beside an AUROC
-CSS = "td.miss{background:#fbd5d5}td small{color:#777}"
 
 Link = Callable[[str, str, str, int], Union[str, None]]
 
