@@ -154,6 +154,8 @@ class SAESpec(_Strict):
 class EvaluationSpec(_Strict):
     ce_loss: bool = True
     concepts: bool = True
+    probes: bool = Field(True, description="storyworld: every SAE's best latent and k-sparse probe against a linear "
+                         "probe per planted concept (the presence stage; the report's concepts page)")
     batch_size: int = Field(32, ge=1, description="held-out contexts per batch")
     pipelines: int = Field(1, ge=1, description="model pipelines evaluating side by side (held-out batches spread over them)")
 

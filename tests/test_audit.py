@@ -26,14 +26,16 @@ def make_spec(model: str, store: str, name: str = "aud", **over):
          "sae": {"architectures": over.pop("architectures", [{"arch": "topk", "width": 64, "k": 4},
                                                              {"arch": "relu", "width": 64, "l1": 1.0}]),
                  "train": {"tokens": 6000, "batch_size": 200, "checkpoint_every": 5, **over.pop("train", {})}},
-         "evaluation": {"pipelines": 2, "batch_size": 16},
+         # the concept probes and dashboards have their own tests; on where a test asks (over)
+         "evaluation": {"pipelines": 2, "batch_size": 16, "probes": over.pop("probes", False)},
+         "dashboards": {"enabled": over.pop("dashboards", False)},
          "store": store,
          "resources": {"harvest": {"num_cpus": 0.5}, "train": {"num_cpus": 0.5}, "eval": {"num_cpus": 0.5}}}
     return parse_spec(json.dumps(d))
 
 
 def test_audit_end_to_end_and_rerun_skips(ray_local, tiny_model, tmp_path):
-    spec = make_spec(tiny_model, str(tmp_path / "store"))
+    spec = make_spec(tiny_model, str(tmp_path / "store"), probes=True, dashboards=True)
     summary = run_audit(spec)
     root = tmp_path / "store" / "aud"
     run = root / "targets" / "neox@main"

@@ -94,7 +94,8 @@ def test_job_submit_audit_to_local_and_s3(ray_head, tiny_model, tmp_path, s3_url
     manifest = json.loads((store / "jobrun" / "manifest.json").read_text())
     assert manifest["targets"]["neox@main"]["stages"]["harvest"]["status"] == "done"
     assert summary["run"] == "jobrun" and set(summary["stage_wall_s"]) == {"neox@main", "report"}
-    assert set(summary["stage_wall_s"]["neox@main"]) == {"harvest", "train", "evaluate", "sweeps"}
+    assert set(summary["stage_wall_s"]["neox@main"]) == {"harvest", "train", "evaluate", "presence", "sweeps",
+                                                          "dashboards"}
     assert [r["arch"] for r in summary["saes"]] == ["topk"] and summary["saes"][0]["ce_loss_recovered"] is not None
     assert (store / "jobrun" / "targets" / "neox@main" / "acts" / "resid_post.1" / "part-00000.parquet").is_file()
     # the same job against S3 (moto on loopback): the head inherited the endpoint from its env

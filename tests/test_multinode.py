@@ -258,6 +258,8 @@ def write_spec(path: Path, name: str, store: Path, custom: bool) -> Path:
         sae:
           architectures: [{{arch: topk, width: 64, k: 4}}]
           train: {{tokens: 4000, batch_size: 256}}
+        evaluation: {{probes: false}}
+        dashboards: {{enabled: false}}
         store: {store}
         resources:
           harvest: {{num_cpus: 0.5{c}}}

@@ -54,7 +54,7 @@ def spec_dict(model: str, store: str, prompt_file: str, name: str = "sw", **swee
             "harvest": {"batch_size": 16, "unit_contexts": 32},
             "sae": {"architectures": [{"arch": "topk", "width": 64, "k": 4}, {"arch": "relu", "width": 64, "l1": 1.0}],
                     "train": {"tokens": 6000, "batch_size": 200}},
-            "evaluation": {"batch_size": 16},
+            "evaluation": {"batch_size": 16, "probes": False}, "dashboards": {"enabled": sweep.pop("dashboards", False)},
             "sweeps": [{"name": "g", "prompts": [prompt_file], "n_prompts": 24, "prompts_per_item": 1,
                         "hookpoints": ["resid_post.1"], "saes": ["topk"], "ks": [1, 2, "50%"], "exact_batch": 16,
                         **sweep}],
@@ -115,7 +115,7 @@ def test_sweep_killed_and_rerun_equals_uninterrupted(ray_local, tiny_model, tmp_
 
 def test_sweep_in_the_audit_report_and_added_to_a_finished_audit(ray_local, tiny_model, tmp_path):
     prompts = _prompts(tiny_model, tmp_path / "q.jsonl", n=6)
-    d = spec_dict(tiny_model, str(tmp_path / "s"), prompts, n_prompts=6, prompts_per_item=3)
+    d = spec_dict(tiny_model, str(tmp_path / "s"), prompts, n_prompts=6, prompts_per_item=3, dashboards=True)
     first = dict(d, sweeps=[])
     run_audit(parse_spec(json.dumps(first)))
     root = tmp_path / "s" / "sw"

@@ -33,7 +33,7 @@ def spec_dict(store: str, name: str, revisions, **over) -> dict:
             "harvest": {"batch_size": 16, "unit_contexts": 16, "dtype": "float32", **over.pop("harvest", {})},
             "sae": {"architectures": [{"arch": "topk", "width": 64, "k": 4}],
                     "train": {"tokens": 4000, "batch_size": 256}},
-            "evaluation": {"batch_size": 16}, "store": store,
+            "evaluation": {"batch_size": 16, "probes": False}, "dashboards": {"enabled": False}, "store": store,
             "resources": {"harvest": {"num_cpus": 0.5}, "train": {"num_cpus": 0.5}, "eval": {"num_cpus": 0.5},
                           **over.pop("resources", {})}, **over}
 

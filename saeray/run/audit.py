@@ -81,9 +81,11 @@ def run_targets(rc: RunContext, stages: list[str], address: str | None = None) -
 
 def audit_stages(spec) -> list[str]:
     """The per-target stages an audit runs (with what they need): presence for emergence and, where
-    the concepts are known (SAEs on a storyworld corpus with ``evaluation.concepts``), for the
-    report's planted-concept recovery; dashboards when there are SAEs and they are not switched off."""
-    concepts = spec.sae is not None and spec.evaluation.concepts and spec.corpus.source == "storyworld"
+    the concepts are known (SAEs on a storyworld corpus with ``evaluation.concepts`` and
+    ``evaluation.probes``), for the report's planted-concept recovery; dashboards when there are SAEs
+    and they are not switched off."""
+    concepts = (spec.sae is not None and spec.evaluation.concepts and spec.evaluation.probes
+                and spec.corpus.source == "storyworld")
     return (["evaluate", "sweeps"] + (["presence"] if spec.emergence is not None or concepts else [])
             + (["dashboards"] if spec.sae is not None and spec.dashboards.enabled else []))
 
