@@ -49,7 +49,8 @@ def render(run: str, nav: list[NavLink], target: str, hp: str, sae: str, width: 
             "<div class=dash><div><div class=filters><select id=group aria-label=group><option value=''>all groups"
             "</option></select><input id=search type=search placeholder='latent, concept or label' aria-label=search></div>"
             "<div class=list><table id=latents class=sortable><thead><tr><th>latent</th><th class=l>groups</th>"
-            "<th>density</th><th>max</th><th class=l>concept</th><th>GradSAE rank</th></tr></thead><tbody></tbody>"
+            "<th>density</th><th>max</th><th class=l>concept</th><th title='rank by mean GradSAE score'>influence</th>"
+            "</tr></thead><tbody></tbody>"
             "</table></div></div><div id=feature class=feature></div></div>")
     out = page(f"{sae} {hp} — {run}", body, run, nav, here="", depth=3 + hp.count("/"),
                scripts=(f"{sae}.js", "../" * (3 + hp.count("/")) + "assets/dashboard.js"))

@@ -134,10 +134,10 @@
       var x = f.saeray || {};
       var tr = el("tr", { "data-latent": f.feature_index, "data-groups": (x.groups || []).join(" "), "data-text": searchable(f) });
       tr.appendChild(el("td", null, f.feature_index));
-      tr.appendChild(el("td", { "class": "l" }, (x.groups || []).join(", ")));
+      tr.appendChild(el("td", { "class": "w" }, (x.groups || []).join(", ")));
       var d = el("td", { "data-v": f.frac_nonzero }, pct(f.frac_nonzero)); tr.appendChild(d);
       tr.appendChild(el("td", null, num(x.max_act)));
-      tr.appendChild(el("td", { "class": "l" }, concepts(f)));
+      tr.appendChild(el("td", { "class": "w" }, concepts(f)));
       tr.appendChild(el("td", x.influence ? { "data-v": x.influence.rank } : null, x.influence ? x.influence.rank : "\u2013"));
       tr.addEventListener("click", function () { location.hash = "#" + f.feature_index; });
       b.appendChild(tr);
