@@ -19,11 +19,16 @@ import json
 import logging
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ..errors import SaerayError
 from ..run.records import Records
 from ..run.stages import Result, Stage, TargetContext
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("saeray")
 
@@ -123,11 +128,10 @@ def batch_task(target_url: str, options: dict, hookpoint: str, limit: int, sae_u
 
 # ---- what the other stages know about a latent ---------------------------------------------------
 
-def concept_latents(store, hp: str, sae: str) -> dict[int, list[dict]]:
-    """latent -> the planted concepts it is the best single latent for (evaluate's eval.json)."""
-    if not store.exists("eval.json"):
-        return {}
-    ev = store.read_json("eval.json").get("saes", {}).get(hp, {}).get(sae, {})
+def concept_latents(evaluation: dict, hp: str, sae: str) -> dict[int, list[dict]]:
+    """latent -> the planted concepts it is the best single latent for (``evaluation``: the
+    target's eval.json, or {} without one)."""
+    ev = evaluation.get("saes", {}).get(hp, {}).get(sae, {})
     out: dict[int, list[dict]] = {}
     for name, c in (ev.get("concepts") or {}).items():
         out.setdefault(int(c["latent"]), []).append({"concept": name, "f1": round(c["f1"], 4),
@@ -135,16 +139,20 @@ def concept_latents(store, hp: str, sae: str) -> dict[int, list[dict]]:
     return out
 
 
-def influence(store, spec, hp: str, sae: str) -> dict[int, dict]:
-    """latent -> mean |GradSAE| and mean |exact effect| over every GradSAE prompt that scored this SAE
-    (zero where the latent was inactive); empty when no GradSAE sweep covered it."""
+def gradsae_latents(store, spec) -> list[tuple[str, "pd.DataFrame"]]:
+    """(sweep name, its latents table) of every GradSAE sweep the target has, read once per stage."""
     from ..sweeps.grid import read_table
 
+    return [(sw.name, read_table(store, sw.name, "latents").to_pandas()) for sw in spec.sweeps
+            if sw.method == "gradsae" and store.exists(f"sweeps/{sw.name}")]
+
+
+def influence(tables: list[tuple[str, "pd.DataFrame"]], hp: str, sae: str) -> dict[int, dict]:
+    """latent -> mean |GradSAE| and mean |exact effect| over every prompt of the first GradSAE sweep
+    (of ``tables``, :func:`gradsae_latents`) that scored this SAE (zero where the latent was
+    inactive); empty when none covered it."""
     out: dict[int, dict] = {}
-    for sw in spec.sweeps:
-        if sw.method != "gradsae" or not store.exists(f"sweeps/{sw.name}"):
-            continue
-        t = read_table(store, sw.name, "latents").to_pandas()
+    for name, t in tables:
         t = t[(t.hookpoint == hp) & (t.sae == sae)]
         if not len(t):
             continue
@@ -152,7 +160,7 @@ def influence(store, spec, hp: str, sae: str) -> dict[int, dict]:
         g = t.assign(g=t.gradsae.abs(), e=t.exact.abs()).groupby("latent")[["g", "e"]].sum() / n
         ranked = g.g.rank(ascending=False, method="min")
         for lat, row in g.iterrows():
-            out[int(lat)] = {"sweep": sw.name, "gradsae": float(f"{row.g:.4g}"), "exact": float(f"{row.e:.4g}"),
+            out[int(lat)] = {"sweep": name, "gradsae": float(f"{row.g:.4g}"), "exact": float(f"{row.e:.4g}"),
                              "rank": int(ranked[lat]), "prompts": int(n)}
         break
     return out
@@ -229,14 +237,17 @@ def run(ctx: TargetContext, inputs: dict) -> DashboardsResult:
     counter = ray.remote(count_task).options(**task_opts)
     for hp, name in todo_saes:
         rel = f"{folder(hp, name)}/selection.json"
-        if store.exists(rel) and store.read_json(rel).get("hash") == h:
-            selections[(hp, name)] = store.read_json(rel)
+        sel = store.read_json(rel) if store.exists(rel) else {}
+        if sel.get("hash") == h:
+            selections[(hp, name)] = sel
         else:
             pending[counter.remote(store.url, store.options, hp, limit, url(saes[hp][name]["path"]))] = (hp, name)
     from .select import select
 
-    infl_of = {(hp, name): influence(store, spec, hp, name) for hp, name in todo_saes}
-    conc_of = {(hp, name): concept_latents(store, hp, name) for hp, name in todo_saes}
+    tables = gradsae_latents(store, spec)
+    evaluation = store.read_json("eval.json") if store.exists("eval.json") else {}
+    infl_of = {(hp, name): influence(tables, hp, name) for hp, name in todo_saes}
+    conc_of = {(hp, name): concept_latents(evaluation, hp, name) for hp, name in todo_saes}
     with progress(f"dashboards {target}: choosing latents (firing counts)", total=len(pending), unit="SAE") as bar:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
