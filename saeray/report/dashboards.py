@@ -52,6 +52,6 @@ def render(run: str, nav: list[NavLink], target: str, hp: str, sae: str, width: 
             "<th>density</th><th>max</th><th class=l>concept</th><th title='rank by mean GradSAE score'>influence</th>"
             "</tr></thead><tbody></tbody>"
             "</table></div></div><div id=feature class=feature></div></div>")
-    out = page(f"{sae} {hp} — {run}", body, run, nav, here="", depth=3 + hp.count("/"),
-               scripts=(f"{sae}.js", "../" * (3 + hp.count("/")) + "assets/dashboard.js"))
+    out = page(f"{sae} {hp} — {run}", body, run, nav, here="", depth=3,
+               scripts=(f"{sae}.js", "../../../assets/dashboard.js"))
     return out, data_js(meta, features)

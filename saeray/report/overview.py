@@ -12,7 +12,6 @@ COLUMNS = (("target", "target"), ("hookpoint", "hook point"), ("arch", "arch"), 
            ("l1", "l1"), ("l0", "L0"), ("fvu", "FVU"), ("ce_loss_recovered", "CE recovered"), ("kl", "KL"),
            ("dead_frac", "dead"), (f"concepts_f1_{F1_FOUND}", f"concepts F1≥{F1_FOUND}"),
            ("mean_best_f1", "mean best F1"))
-STAGES = ("harvest", "train", "evaluate", "presence", "sweeps", "dashboards")
 
 
 def _fmt(v) -> str:
@@ -22,7 +21,9 @@ def _fmt(v) -> str:
 def stage_tables(summary: dict, report_s: float | None) -> str:
     walls = summary.get("stage_wall_s", {})
     per = {tid: w for tid, w in walls.items() if isinstance(w, dict)}
-    cols = [s for s in STAGES if any(w.get(s) is not None for w in per.values())]
+    from ..run.stages import registry
+
+    cols = [s for s in registry() if any(w.get(s) is not None for w in per.values())]
     out = table(["target"] + cols, [[tid] + [w.get(s) for s in cols] for tid, w in per.items()], _fmt, sortable=True)
     run_rows = [[n, walls.get(n)] for n in ("emergence",) if walls.get(n) is not None]
     run_rows.append(["report (this page and every other)", report_s])
