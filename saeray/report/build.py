@@ -96,7 +96,10 @@ def build_report(run, manifest_data: dict) -> dict:
     targets = {t["target"]: t for t in summary.get("targets", [])}
     out_pages: dict[str, bytes] = {}
 
-    # dashboards first: every other page links into them
+    # which latents each dashboard shows first (its selection.json): every other page links into
+    # them; the dashboards themselves are rendered one SAE at a time at the end
+    from ..dashboards.stage import folder as dash_folder
+
     dashboards, dash_index = [], {}
     for tid, t in manifest_data.get("targets", {}).items():
         res = (t.get("stages", {}).get("dashboards") or {})
@@ -105,14 +108,13 @@ def build_report(run, manifest_data: dict) -> dict:
         store = run / t["folder"]
         for hp, saes in res["result"]["saes"].items():
             for sae, d in saes.items():
-                feats = []
-                for rel in d["batches"]:
-                    feats += store.read_json(rel)["features"]
+                groups = store.read_json(f"{dash_folder(hp, sae)}/selection.json")["groups"]
                 h = dash_page.href(_target_folder(t), hp, sae)
-                dashboards.append({"target": tid, "hookpoint": hp, "sae": sae, "latents": len(feats), "width": d["width"],
-                                   "groups": dash_page.groups_line(feats), "href": h, "features": feats,
+                dashboards.append({"target": tid, "hookpoint": hp, "sae": sae, "latents": len(groups),
+                                   "width": d["width"], "groups": dash_page.groups_line(groups.values()), "href": h,
+                                   "store": store, "batches": d["batches"],
                                    "tokens": d.get("tokens", res["result"].get("tokens"))})
-                dash_index[(tid, hp, sae)] = {"href": h, "shown": {f["feature_index"] for f in feats}}
+                dash_index[(tid, hp, sae)] = {"href": h, "shown": {int(i) for i in groups}}
     latent_link = _latent_link(dash_index)
 
     sections: list[tuple[str, str, str]] = []
@@ -155,11 +157,15 @@ def build_report(run, manifest_data: dict) -> dict:
     nav = [NavLink("index.html", "Overview")] + [NavLink(h, t) for h, t, _ in sections]
     for href, (title, body) in bodies.items():
         out_pages[href] = page(f"{title} — {name}", body, name, nav, here=href).encode()
+    n_bytes = 0
     for d in dashboards:
+        store = d.pop("store")
+        feats = [f for rel in d.pop("batches") for f in store.read_json(rel)["features"]]
         html_page, js = dash_page.render(name, nav, d["target"], d["hookpoint"], d["sae"], d["width"],
-                                         d["tokens"] or 0, d.pop("features"))
-        out_pages[d["href"]] = html_page.encode()
-        out_pages[d["href"][:-len(".html")] + ".js"] = js
+                                         d["tokens"] or 0, feats)
+        run.write_bytes(f"report/{d['href']}", html_page.encode())
+        run.write_bytes(f"report/{d['href'][:-len('.html')]}.js", js)
+        n_bytes += len(html_page.encode()) + len(js)
 
     rows = summary["saes"]
     pngs = {}
@@ -179,8 +185,8 @@ def build_report(run, manifest_data: dict) -> dict:
     for rel, data in out_pages.items():
         run.write_bytes(f"report/{rel}", data)
     run.write_json("report/summary.json", summary)
-    return {"saes": len(rows), "pages": sum(1 for r in out_pages if r.endswith(".html")),
-            "dashboards": len(dashboards), "bytes": sum(len(v) for v in out_pages.values()),
+    return {"saes": len(rows), "pages": len(dashboards) + sum(1 for r in out_pages if r.endswith(".html")),
+            "dashboards": len(dashboards), "bytes": n_bytes + sum(len(v) for v in out_pages.values()),
             "plots": sorted(pngs)}
 
 

@@ -30,8 +30,9 @@ def data_js(meta: dict, features: list[dict]) -> bytes:
     return ("window.SAERAY_DASH = " + body.replace("</", "<\\/") + ";\n").encode()
 
 
-def groups_line(features: list[dict]) -> str:
-    c = Counter(g for f in features for g in f.get("saeray", {}).get("groups", []))
+def groups_line(groups) -> str:
+    """"random 64, frequent 64, ..." from each shown latent's list of groups."""
+    c = Counter(g for gs in groups for g in gs)
     return ", ".join(f"{g} {n}" for g, n in c.items())
 
 
@@ -41,7 +42,8 @@ def render(run: str, nav: list[NavLink], target: str, hp: str, sae: str, width: 
     shown = len(features)
     meta = {"run": run, "target": target, "hookpoint": hp, "sae": sae, "width": width, "tokens": tokens}
     what = ("every latent" if shown == width else
-            f"{shown} of {width} latents: {html.escape(groups_line(features))}")
+            f"{shown} of {width} latents: "
+            f"{html.escape(groups_line(f.get('saeray', {}).get('groups', []) for f in features))}")
     body = (f"<h1>{html.escape(sae)} · {html.escape(hp)} · {html.escape(target)}</h1>"
             f"<p class=muted>{what}; computed on {tokens:,} harvested tokens. Click a latent, or link to one "
             "with #index. Contexts: the token's shading is its activation over the latent's maximum; the outlined "
