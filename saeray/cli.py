@@ -1,6 +1,7 @@
 """The ``saeray`` command line (typer + rich).
 
-Exit codes: 0 success, 2 bad usage / invalid spec / invalid input, 1 runtime failure.
+Exit codes: 0 success, 2 bad usage / invalid spec / invalid input, 1 runtime failure, 3 an audit of a
+series finished and crossed an alert threshold (saeray.schedule.alerts).
 Every ``saeray bench ...`` command accepts ``--json`` and then prints one JSON object as its last line.
 
 Each capability registers its commands in its own section below; heavy imports happen inside the
@@ -93,19 +94,113 @@ def validate(spec: str = typer.Argument(..., help="audit spec YAML (local path o
 @app.command()
 def audit(
     spec: str = typer.Argument(..., help="audit spec YAML (local path or s3://...)"),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="the run's name (its folder) instead of the "
+                                           "spec's name or, in a series, its series.run_name template"),
+    date: Optional[str] = typer.Option(None, "--date", help="a series run's scheduled day, YYYY-MM-DD (default: "
+                                       "today, UTC); the same day resumes the same run"),
     json_out: bool = typer.Option(False, "--json", help="print the run summary as one JSON line last"),
 ) -> None:
     """Run the whole audit for every target (model x revision): harvest -> train SAEs -> evaluate -> sweeps ->
-    report. Re-running resumes."""
+    report. Re-running resumes. In a series (a spec with a series section): compares the run with the previous
+    one and exits with code 3 when an alert threshold is crossed (docs/operations.md)."""
     from .run.audit import run_audit
+    from .schedule.alerts import EXIT_ALERT
     from .spec import load_spec
 
     s = load_spec(spec)
-    result = run_audit(s, store_url=state.store, address=state.address)
+    result = run_audit(s, store_url=state.store, address=state.address, run_name=run_name, date=date)
     if json_out:
         print_json(result)
     else:
         typer.echo(f"report: {result['report']}")
+        if result.get("index"):
+            typer.echo(f"series index: {result['index']}")
+    if result.get("alerts"):
+        for a in result["alerts"]:
+            typer.echo(f"ALERT {a['rule']}: {a['message']}", err=True)
+        raise typer.Exit(EXIT_ALERT)
+
+
+# ---- scheduled series: diff, series ------------------------------------------------------------
+
+
+@app.command()
+def diff(
+    run_a: str = typer.Argument(..., help="the older run's folder URL (with --previous: the newer run)"),
+    run_b: Optional[str] = typer.Argument(None, help="the newer run's folder URL"),
+    previous: bool = typer.Option(False, "--previous", help="compare RUN_A with the run before it in its series' "
+                                  "index"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0, help="decoder cosine at which "
+                                              "features match (default: the series' match_threshold, else 0.7)"),
+    top: int = typer.Option(20, "--top", min=1, help="GradSAE most-influential latents compared"),
+    save: bool = typer.Option(False, "--save", help="write the diff into the newer run (diff/previous.json) and "
+                              "rebuild its report with a Changes page"),
+    json_out: bool = typer.Option(False, "--json", help="print the diff as one JSON line last"),
+) -> None:
+    """What changed between two runs: per hook point and SAE the metric deltas (FVU, L0, CE loss recovered, KL,
+    dead fraction), features matched by decoder cosine (share matched, born, lost, most changed), planted
+    concepts lost and gained, and the GradSAE most-influential latents that entered or left."""
+    from .schedule.diff import diff_runs, open_run_folder, render_text
+    from .schedule.series import Series
+
+    if previous == (run_b is not None):
+        raise InputError("diff: give two runs (saeray diff RUN_A RUN_B) or one with --previous "
+                         "(saeray diff --previous RUN)")
+    if previous:
+        b, mb = open_run_folder(run_a)
+        series = Series.of_run(b, mb)
+        if series is None:
+            raise InputError(f"{run_a}: this run is not part of a series (its spec has no series section), so it has "
+                             "no previous run; give both runs: saeray diff RUN_A RUN_B")
+        prev = series.previous(mb["run"])
+        if prev is None:
+            raise InputError(f"{run_a}: no finished run of series '{series.name}' started before it; nothing to "
+                             "compare with")
+        a = series.run_store(prev["run"])
+        ma = a.read_json("manifest.json")
+    else:
+        a, ma = open_run_folder(run_a)
+        b, mb = open_run_folder(run_b)
+    if threshold is None:
+        threshold = ((mb.get("spec") or {}).get("series") or {}).get("match_threshold") or 0.7
+    d = diff_runs(a, b, threshold, top, ma=ma, mb=mb)
+    if save:
+        from .report.build import build_report
+
+        b.write_json("diff/previous.json", d)
+        build_report(b, mb)
+    if json_out:
+        typer.echo(render_text(d), err=True)
+        print_json(d)
+    else:
+        typer.echo(render_text(d))
+
+
+@app.command()
+def series(
+    url: str = typer.Argument(..., help="the series folder: <store>/<spec name>"),
+    json_out: bool = typer.Option(False, "--json", help="print the index as one JSON line last"),
+) -> None:
+    """The runs of a scheduled series, oldest first: checkpoints, when, status, alerts, activations kept."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .schedule.series import open_series
+
+    s = open_series(url)
+    idx = {"series": s.name, "runs": s.entries()} if s.store.exists("index") else s.store.read_json("index.json")
+    if json_out:
+        print_json(idx)
+        return
+    tab = Table(title=f"series {s.name} ({s.store.url})", title_justify="left")
+    for c in ("run", "checkpoints", "started", "finished", "status", "alerts", "activations"):
+        tab.add_column(c)
+    for e in idx["runs"]:
+        revs = ", ".join(f"{t['model']}@{t['revision']}" for t in e.get("targets", []))
+        tab.add_row(e["run"], revs, e.get("started", ""), e.get("finished") or "–", e.get("status", "?"),
+                    str(len(e.get("alerts") or [])), "yes" if e.get("activations", True) else "deleted")
+    Console(width=160).print(tab)
+
 
 @app.command()
 def report(
@@ -469,6 +564,25 @@ def bench_emergence(
     show_bench(render(res), res, json_out)
 
 
+@bench_app.command("seeds")
+def bench_seeds(
+    spec: str = typer.Option("jobs/storyworld.yaml", "--spec", help="the audit whose SAEs are trained with two seeds"),
+    seeds: str = typer.Option("0,1", "--seeds", help="two training seeds, comma-separated"),
+    threshold: float = typer.Option(0.7, "--threshold", min=0.0, max=1.0, help="decoder cosine at which features match"),
+    json_out: bool = typer.Option(False, "--json", help="print the figures as one JSON line last"),
+) -> None:
+    """Feature stability across SAE seeds, per architecture: the same spec's SAEs trained with two seeds on the
+    same tokens, matched by decoder cosine as `saeray diff` does (share matched, mean max cosine)."""
+    from .bench.seeds import render, run_bench
+
+    try:
+        a, b = (int(x) for x in seeds.split(","))
+    except ValueError:
+        raise InputError(f"--seeds: '{seeds}' is not two integers; give e.g. 0,1") from None
+    res = run_bench(spec, (a, b), threshold, address=state.address)
+    show_bench(render(res), res, json_out)
+
+
 @bench_app.command("saelens")
 def bench_saelens(
     out: str = typer.Option("./runs/bench-saelens", "--out", help="folder for result.json and one SAE folder per SAE"),
@@ -546,7 +660,9 @@ def export(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:    # without standalone mode, click returns typer.Exit's code
+            sys.exit(rc)
     except SaerayError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(e.exit_code)

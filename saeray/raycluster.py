@@ -46,6 +46,10 @@ def connect(address: str | None = None, num_cpus: int | None = None,
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         local_env()  # before ray is imported: Ray reads some of these at import time
+    elif address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
+        # a head on loopback (cluster/local.sh): with the flag on, Ray rewrites 127.0.0.1 in the
+        # address to this machine's outward IP, where that head does not listen
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():

@@ -330,6 +330,62 @@ class DashboardsSpec(_Strict):
     seed: int = 0
 
 
+RUN_NAME_FIELDS = ("name", "date", "revision", "model")
+
+
+class SeriesSpec(_Strict):
+    """A scheduled series (docs/operations.md): each run of the spec gets its own run folder,
+    ``<store>/<name>/runs/<run name>``, listed in the series index ``<store>/<name>/index.json``,
+    compared with the run before it (``saeray diff``) and checked against ``alerts``."""
+
+    run_name: str = Field("{name}-{date}-{revision}", description="the run folder's name: {name} (the spec's), "
+                          "{date} (--date, default today in UTC), {revision} and {model} (each target's resolved "
+                          "checkpoint and model, joined by '+'); the same name resumes, a new one starts a new run")
+    keep_activations: Optional[int] = Field(None, ge=1, description="harvested activations are kept for the newest "
+                                            "this many finished runs and deleted from older ones (SAEs, metrics, "
+                                            "dashboards and reports stay); null keeps every run's")
+    match_threshold: float = Field(0.7, gt=0, le=1, description="decoder cosine at which a feature counts as the "
+                                   "same feature in the previous run")
+    top_influential: int = Field(20, ge=1, description="the GradSAE most-influential latents compared between runs")
+
+    @field_validator("run_name")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        fields = re.findall(r"\{([^{}]*)\}", v)
+        bad = [f for f in fields if f not in RUN_NAME_FIELDS]
+        if bad:
+            raise ValueError(f"unknown field {{{bad[0]}}}; use {', '.join('{' + f + '}' for f in RUN_NAME_FIELDS)}")
+        if "date" not in fields and "revision" not in fields:
+            raise ValueError("needs {date} or {revision}: without either every run of the series has the same "
+                             "name and resumes the first one")
+        if not re.fullmatch(r"[A-Za-z0-9._{}-]+", v):
+            raise ValueError("may hold only letters, digits, '.', '_', '-' and the {fields}")
+        return v
+
+
+class AlertsSpec(_Strict):
+    """Thresholds on what changed since the previous run of the series; when one is crossed the
+    audit exits with code 3, names it, and POSTs a JSON summary to the webhook (when set)."""
+
+    ce_loss_recovered_drop: Optional[float] = Field(None, ge=0, description="an SAE's CE loss recovered fell by more "
+                                                    "than this (absolute)")
+    fvu_rise: Optional[float] = Field(None, ge=0, description="an SAE's FVU rose by more than this (absolute)")
+    kl_rise: Optional[float] = Field(None, ge=0, description="an SAE's KL to the clean model rose by more than this")
+    dead_fraction_rise: Optional[float] = Field(None, ge=0, description="an SAE's dead-latent fraction rose by "
+                                                "more than this")
+    matched_share_below: Optional[float] = Field(None, ge=0, le=1, description="the share of an SAE's features "
+                                                 "matched in the previous run's SAE fell below this")
+    influential_overlap_below: Optional[float] = Field(None, ge=0, le=1, description="the share of an SAE's "
+                                                       "most influential GradSAE latents that were among the "
+                                                       "previous run's (matched by decoder) fell below this")
+    concepts_lost: list[str] = Field(default_factory=list, description="concepts whose loss raises an alert "
+                                     "(recovered by an SAE or read by the linear probe in the previous run, not in "
+                                     "this one); 'all' for any concept")
+    webhook_env: str = Field("SAERAY_ALERT_WEBHOOK", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                             description="the environment variable holding the webhook URL (a URL may carry a "
+                             "token, so it is never written in a spec)")
+
+
 class StoreSpec(_Strict):
     url: str = "./runs"
     endpoint_url: Optional[str] = None
@@ -388,7 +444,8 @@ class ResourcesSpec(_Strict):
 
 class AuditSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
-                      description="run name: the run folder in the store; re-running the same name resumes")
+                      description="run name: the run folder in the store; re-running the same name resumes (with "
+                      "a series section: the series' folder, each run named by series.run_name)")
     model: list[ModelSpec] = Field(description="one model, or a list of models; each with its revisions (a "
                                    "target = one model at one revision)")
     corpus: CorpusSpec = Field(default_factory=CorpusSpec)
@@ -401,8 +458,18 @@ class AuditSpec(_Strict):
                                                "sizes (docs/emergence.md)")
     dashboards: DashboardsSpec = Field(default_factory=DashboardsSpec, description="per-latent feature dashboards "
                                        "in the report (docs/report.md)")
+    series: Optional[SeriesSpec] = Field(None, description="run the spec as a scheduled series: one run folder per "
+                                         "night, an index, diffs with the previous run (docs/operations.md)")
+    alerts: Optional[AlertsSpec] = Field(None, description="thresholds on the change since the series' previous run")
     store: StoreSpec = Field(default_factory=StoreSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @model_validator(mode="after")
+    def _alerts_need_series(self) -> "AuditSpec":
+        if self.alerts is not None and self.series is None:
+            raise ValueError("alerts: compare a run with the previous run of its series; add a series section "
+                             "(e.g. series: {}) or remove alerts")
+        return self
 
     @field_validator("model", mode="before")
     @classmethod

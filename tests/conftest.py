@@ -5,17 +5,22 @@ The S3 environment is exported before Ray starts so that every Ray process inher
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from saeray.bench.s3local import free_port  # noqa: F401 - tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -172,3 +177,53 @@ def llm_server(tmp_path_factory):
     proc = served.proc
     assert proc.poll() is not None and not psutil.pid_exists(proc.pid), \
         f"transformers serve (PID {proc.pid}) is still running"
+
+
+@pytest.fixture
+def ray_head(tmp_path, moto_endpoint):
+    """A Ray head with the S3 endpoint in its environment (jobs inherit it)."""
+    env = {**os.environ, "SAERAY_RAY_DIR": str(tmp_path / "head"), "RAY_PORT": str(free_port()),
+           "RAY_DASHBOARD_PORT": str(free_port()),
+           # the session's other local Ray already holds the default agent port
+           "RAY_AGENT_PORT": str(free_port()), "RAY_CLIENT_PORT": str(free_port()), "RAY_NUM_CPUS": "2", "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(REPO / "cluster/local.sh"), "start"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    pid = int((tmp_path / "head" / "head.pid").read_text())
+    try:
+        yield f"http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}", env, pid
+    finally:
+        r = subprocess.run(["bash", str(REPO / "cluster/local.sh"), "stop"], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+class WebhookReceiver:
+    """A webhook receiver: an HTTP server on 127.0.0.1 answering each POST with the next status of ``codes`` (then 200)."""
+
+    def __init__(self, codes=()):
+        import http.server
+        import threading
+
+        self.codes, self.posts = list(codes), []
+        outer = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.posts.append((self.path, json.loads(body)))
+                self.send_response(outer.codes.pop(0) if outer.codes else 200)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/T0K3N-secret"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

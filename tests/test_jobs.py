@@ -4,42 +4,17 @@ head stopped by its PID (only the processes this test started)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import REPO, free_port
+from conftest import VENV_BIN
 
 pytestmark = pytest.mark.slow
-VENV_BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def ray_head(tmp_path, moto_endpoint):
-    """A Ray head with the S3 endpoint in its environment (jobs inherit it)."""
-    env = {**os.environ, "SAERAY_RAY_DIR": str(tmp_path / "head"), "RAY_PORT": str(free_port()),
-           "RAY_DASHBOARD_PORT": str(free_port()),
-           # the session's other local Ray already holds the default agent port
-           "RAY_AGENT_PORT": str(free_port()), "RAY_CLIENT_PORT": str(free_port()), "RAY_NUM_CPUS": "2", "RAY_AUTH_MODE": "disabled",
-           "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    r = subprocess.run(["bash", str(REPO / "cluster/local.sh"), "start"], env=env, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    pid = int((tmp_path / "head" / "head.pid").read_text())
-    try:
-        yield f"http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}", env, pid
-    finally:
-        r = subprocess.run(["bash", str(REPO / "cluster/local.sh"), "stop"], env=env, capture_output=True, text=True,
-                           timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 def submit(address: str, env: dict, workdir: Path, *args: str, timeout: float = 420) -> str:

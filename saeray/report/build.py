@@ -154,6 +154,15 @@ def build_report(run, manifest_data: dict) -> dict:
                          "and sizes"))
         bodies["emergence.html"] = ("Emergence", render_emergence(es, pngs))
 
+    if run.exists("diff/previous.json"):
+        from .diff import render as render_diff
+
+        d = run.read_json("diff/previous.json")
+        n = len(d.get("alerts") or [])
+        sections.insert(0, ("diff.html", "Changes", f"since the previous run, {d['a']['run']}: "
+                            + (f"{n} alert{'s' * (n != 1)}" if n else "no alert") + "; metric deltas, features "
+                            "matched, concepts and influential latents lost and gained"))
+        bodies["diff.html"] = ("Changes", render_diff(d, latent_link))
     nav = [NavLink("index.html", "Overview")] + [NavLink(h, t) for h, t, _ in sections]
     for href, (title, body) in bodies.items():
         out_pages[href] = page(f"{title} — {name}", body, name, nav, here=href).encode()

@@ -127,10 +127,13 @@ def run_stage(ctx: TargetContext, stage: Stage, inputs: dict[str, Any]) -> Any:
         raise InputError(f"run {ctx.run.url}: target {ctx.target} {verb} stage '{stage.name}' with other "
                          f"settings ({', '.join(refused)} changed); use a new run name (the spec's 'name') or "
                          "delete the run folder to start over")
-    if rec.get("status") == "done" and not own:
+    # a series' retention deletes old runs' activations (saeray.schedule.retention): resuming such
+    # a run harvests again rather than handing on files that are gone
+    if rec.get("status") == "done" and not own and not rec.get("pruned"):
         log.info(f"{ctx.target}: stage {stage.name} already done, skipped")
         return stage.result.from_dict(rec["result"])
     log.info(f"{ctx.target}: stage {stage.name} started")
+    rec.pop("pruned", None)
     ctx.manifest.set_stage(ctx.target.id, stage.name, status="running", key=key)
     t0 = time.perf_counter()
     try:
