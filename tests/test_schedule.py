@@ -153,3 +153,33 @@ def test_every_job_spec_validates_and_the_nightly_one_is_a_series():
         load_spec(str(p))
     s = load_spec(str(REPO / "jobs" / "storyworld-nightly.yaml"))
     assert s.series is not None and s.alerts is not None and s.models[0].revisions == ["latest"]
+
+
+@pytest.mark.parametrize("store_url", ["local", "s3"], indirect=True)
+def test_retention_keeps_the_newest_finished_runs_and_never_touches_running_or_failed(store_url):
+    from saeray.run.records import Records
+    from saeray.schedule import retention
+
+    s = Series(Store.open(store_url) / "nightly", "nightly")
+    statuses = ["done", "alert", "failed", "done", "running", "done"]
+    for i, status in enumerate(statuses):
+        run = f"n{i}"
+        st = s.run_store(run)
+        st.write_json("manifest.json", {"run": run, "targets": {"m@s": {"folder": "targets/m@s", "stages": {
+            "harvest": {"status": "done", "result": {"rows": 1}}}}}})
+        st.write_bytes("targets/m@s/acts/resid_post.0/part-00000.parquet", b"x")
+        st.write_bytes("targets/m@s/saes/resid_post.0/topk/sae_weights.safetensors", b"w")
+        Records(st / "targets/m@s", "harvest").put("u00000", {"rows": 1})
+        s.put(run, status=status, started=f"2026-12-0{i + 1}T00:00:00Z", activations=True)
+    assert retention.apply(s, None) == []
+    # keep 2: of the finished runs n0 n1 n3 n5, the newest two (n3, n5) keep theirs
+    assert retention.apply(s, 2) == ["n0", "n1"]
+    for i, status in enumerate(statuses):
+        t = s.run_store(f"n{i}") / "targets/m@s"
+        assert t.exists("acts/resid_post.0/part-00000.parquet") == (i not in (0, 1)), i
+        assert t.exists("saes/resid_post.0/topk/sae_weights.safetensors")
+        assert bool(Records(t, "harvest").names()) == (i not in (0, 1))
+    m = s.run_store("n0").read_json("manifest.json")
+    assert m["targets"]["m@s"]["stages"]["harvest"]["pruned"]   # a resume harvests again
+    assert [e["activations"] for e in s.entries()] == [False, False, True, True, True, True]
+    assert retention.apply(s, 2) == []                           # nothing left to do

@@ -278,14 +278,6 @@ def no_change(d: dict) -> bool:
 
 # ---- for people -----------------------------------------------------------------------------
 
-def _f(v, nd=3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:+.{nd}f}" if nd < 0 else f"{v:.{nd}f}"
-    return str(v)
-
-
 def render_text(d: dict) -> str:
     """The terminal view: one table per pair of targets, then concept changes."""
     from rich.console import Console
