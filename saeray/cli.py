@@ -162,7 +162,9 @@ def diff(
         a, ma = open_run_folder(run_a)
         b, mb = open_run_folder(run_b)
     if threshold is None:
-        threshold = ((mb.get("spec") or {}).get("series") or {}).get("match_threshold") or 0.7
+        from .spec import SeriesSpec
+
+        threshold = ((mb.get("spec") or {}).get("series") or {}).get("match_threshold") or SeriesSpec().match_threshold
     d = diff_runs(a, b, threshold, top, ma=ma, mb=mb)
     if save:
         from .report.build import build_report

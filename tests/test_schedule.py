@@ -77,27 +77,28 @@ def test_index_orders_runs_and_finds_the_previous(store_url):
 def test_matching_self_permutation_and_unrelated():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(256, 32))
-    same = match_features(w, w, 0.7)
+    same, _ = match_features(w, w, 0.7)
     assert same["matched"] == 256 and same["matched_share"] == 1.0 and same["born"] == same["lost"] == 0
     assert same["mcs"] == pytest.approx(1.0, abs=1e-5)
     # indices do not carry identity: a permuted, rescaled, slightly noisy copy matches feature for feature
     perm = rng.permutation(256)
     w2 = 3.0 * w[perm] + 0.05 * rng.normal(size=w.shape)
-    m = match_features(w, w2, 0.7)
+    m, pairs = match_features(w, w2, 0.7)
     assert m["matched"] == 256
     assert all(perm[x["b"]] == x["a"] for x in m["most_changed"])
+    assert pairs == {int(perm[j]): j for j in range(256)}
     # half the features replaced by new directions: those are born, the old ones lost
     w3 = w.copy()
     w3[:128] = rng.normal(size=(128, 32))
-    m = match_features(w, w3, 0.7)
+    m, _ = match_features(w, w3, 0.7)
     assert m["matched"] == 128 and m["born"] == 128 and m["lost"] == 128
     assert {x["b"] for x in m["born_examples"]} <= set(range(128))
     # a duplicated direction matches once (mutual nearest neighbours are one-to-one)
     w4 = np.concatenate([w[:1], w[:1]])
-    m = match_features(w[:1], w4, 0.7)
+    m, _ = match_features(w[:1], w4, 0.7)
     assert m["matched"] == 1 and m["born"] == 1 and m["lost"] == 0
     # the input sizes must agree
-    assert match_features(w, rng.normal(size=(8, 16)), 0.7)["comparable"] is False
+    assert match_features(w, rng.normal(size=(8, 16)), 0.7)[0]["comparable"] is False
 
 
 def _diff(**metric_deltas):

@@ -42,11 +42,11 @@ def run_bench(spec_path: str = "jobs/storyworld.yaml", seeds: tuple[int, int] = 
             f = s["features"]
             rows.append({"target": t["b"], "hookpoint": s["hookpoint"], "sae": s["sae"], "arch": s["arch"],
                          "width": s["width"], "matched_share": f.get("matched_share"), "mcs": f.get("mcs")})
-    archs = list(dict.fromkeys(r["arch"] for r in rows))
-    per_arch = {a: {"matched_share": sum(r["matched_share"] for r in rows if r["arch"] == a)
-                    / sum(1 for r in rows if r["arch"] == a),
-                    "mcs": sum(r["mcs"] for r in rows if r["arch"] == a) / sum(1 for r in rows if r["arch"] == a),
-                    "saes": sum(1 for r in rows if r["arch"] == a)} for a in archs}
+    by_arch: dict[str, list[dict]] = {}
+    for r in rows:
+        by_arch.setdefault(r["arch"], []).append(r)
+    per_arch = {a: {"matched_share": sum(r["matched_share"] for r in rs) / len(rs),
+                    "mcs": sum(r["mcs"] for r in rs) / len(rs), "saes": len(rs)} for a, rs in by_arch.items()}
     return {"spec": spec_path, "seeds": list(seeds), "threshold": threshold, "runs": [r.url for r in runs],
             "per_arch": per_arch, "saes": rows, "wall_s": round(wall, 1)}
 

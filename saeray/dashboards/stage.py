@@ -139,12 +139,13 @@ def concept_latents(evaluation: dict, hp: str, sae: str) -> dict[int, list[dict]
     return out
 
 
-def gradsae_latents(store, spec) -> list[tuple[str, "pd.DataFrame"]]:
-    """(sweep name, its latents table) of every GradSAE sweep the target has, read once per stage."""
+def gradsae_latents(store, sweeps: list[str]) -> list[tuple[str, "pd.DataFrame"]]:
+    """(sweep name, its latents table) of each of the GradSAE ``sweeps`` the target has, read once
+    per stage."""
     from ..sweeps.grid import read_table
 
-    return [(sw.name, read_table(store, sw.name, "latents").to_pandas()) for sw in spec.sweeps
-            if sw.method == "gradsae" and store.exists(f"sweeps/{sw.name}")]
+    return [(name, read_table(store, name, "latents").to_pandas()) for name in sweeps
+            if store.exists(f"sweeps/{name}")]
 
 
 def influence(tables: list[tuple[str, "pd.DataFrame"]], hp: str, sae: str) -> dict[int, dict]:
@@ -244,7 +245,7 @@ def run(ctx: TargetContext, inputs: dict) -> DashboardsResult:
             pending[counter.remote(store.url, store.options, hp, limit, url(saes[hp][name]["path"]))] = (hp, name)
     from .select import select
 
-    tables = gradsae_latents(store, spec)
+    tables = gradsae_latents(store, influence_sweeps(spec))
     evaluation = store.read_json("eval.json") if store.exists("eval.json") else {}
     infl_of = {(hp, name): influence(tables, hp, name) for hp, name in todo_saes}
     conc_of = {(hp, name): concept_latents(evaluation, hp, name) for hp, name in todo_saes}

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def unit_rows(w: np.ndarray) -> np.ndarray:
-    w = np.asarray(w, dtype=np.float64)
+def unit_rows(w: np.ndarray, dtype=np.float64) -> np.ndarray:
+    w = np.asarray(w, dtype=dtype)
     return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
 
 

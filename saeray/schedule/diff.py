@@ -31,6 +31,7 @@ import math
 
 import numpy as np
 
+from ..emergence.matching import unit_rows
 from ..errors import InputError
 from ..manifest import stage_result
 from ..report.summary import sae_rows
@@ -75,11 +76,6 @@ def pair_targets(ma: dict, mb: dict) -> list[tuple[str, str]]:
 
 # ---- features ----------------------------------------------------------------------------------
 
-def _unit(w: np.ndarray) -> np.ndarray:
-    w = np.asarray(w, dtype=np.float32)
-    return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
-
-
 def nearest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For unit rows ``a`` [n_a, d] and ``b`` [n_b, d]: each b row's nearest a row and its cosine,
     and each a row's nearest b row and its cosine (blocks of rows, never the whole matrix)."""
@@ -99,11 +95,14 @@ def nearest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     return best_b, cos_b, best_a, cos_a
 
 
-def match_features(wa: np.ndarray, wb: np.ndarray, threshold: float, density_a=None, density_b=None) -> dict:
-    """Decoder matching of two SAEs (rows = features); see the module doc."""
-    ua, ub = _unit(wa), _unit(wb)
+def match_features(wa: np.ndarray, wb: np.ndarray, threshold: float, density_a=None,
+                   density_b=None) -> tuple[dict, dict[int, int]]:
+    """Decoder matching of two SAEs (rows = features; see the module doc): the figures, and the
+    matched pairs as {feature of a: feature of b}."""
+    # float32: a wide SAE's decoder in float64 would double the memory of every block for nothing
+    ua, ub = unit_rows(wa, np.float32), unit_rows(wb, np.float32)
     if ua.shape[1] != ub.shape[1]:
-        return {"comparable": False, "reason": f"input sizes differ ({ua.shape[1]} and {ub.shape[1]})"}
+        return {"comparable": False, "reason": f"input sizes differ ({ua.shape[1]} and {ub.shape[1]})"}, {}
     best_b, cos_b, best_a, cos_a = nearest(ua, ub)
     j = np.arange(len(ub))
     mutual = (best_a[best_b] == j) & (cos_b >= threshold)
@@ -123,8 +122,7 @@ def match_features(wa: np.ndarray, wb: np.ndarray, threshold: float, density_a=N
         out["most_changed_density"] = [{"a": a, "b": b, "cos": round(c, 4), "density_a": float(density_a[a]),
                                         "density_b": float(density_b[b]), "log10_ratio": round(r, 3)}
                                        for a, b, c, r in sorted(ch, key=lambda x: -abs(x[3]))[:MOST]]
-    out["_pairs"] = {a: b for a, b, _ in pairs}     # for the influential latents; dropped before writing
-    return out
+    return out, {a: b for a, b, _ in pairs}
 
 
 def read_decoder(target: Store, rel: str) -> np.ndarray:
@@ -149,16 +147,17 @@ def _densities(target: Store, hp: str, sae: str):
 # ---- GradSAE and concepts ----------------------------------------------------------------------
 
 def _gradsae_tables(target: Store, manifest_target: dict):
-    from ..sweeps.grid import read_table
+    from ..dashboards.stage import gradsae_latents
 
     res = stage_result(manifest_target, "sweeps") or {}
     out = []
     for name, sw in (res.get("sweeps") or {}).items():
-        if sw.get("method", "gradsae") == "gradsae" and target.exists(f"sweeps/{name}"):
-            try:
-                out.append((name, read_table(target, name, "latents").to_pandas()))
-            except Exception as e:  # noqa: BLE001 - a diff without influence beats none
-                log.warning(f"diff: sweep {name} of {target.url} could not be read ({e})")
+        if sw.get("method", "gradsae") != "gradsae":
+            continue
+        try:
+            out += gradsae_latents(target, [name])
+        except Exception as e:  # noqa: BLE001 - a diff without influence beats none
+            log.warning(f"diff: sweep {name} of {target.url} could not be read ({e})")
     return out
 
 
@@ -227,18 +226,17 @@ def diff_runs(a: Store, b: Store, threshold: float = 0.7, top: int = 20,
                    "metrics": {m: _delta(ra.get(m), rb.get(m)) for m in METRICS}}
             tra = ma["targets"][ta]["stages"]["train"]["result"]["saes"][hp][name]
             trb = mb["targets"][tb]["stages"]["train"]["result"]["saes"][hp][name]
-            feats = match_features(read_decoder(sa, tra["path"]), read_decoder(sb, trb["path"]), threshold,
-                                   _densities(sa, hp, name), _densities(sb, hp, name))
-            pairs_ab = feats.pop("_pairs", {})
-            row["features"] = feats
+            row["features"], pairs_ab = match_features(read_decoder(sa, tra["path"]), read_decoder(sb, trb["path"]),
+                                                       threshold, _densities(sa, hp, name), _densities(sb, hp, name))
             ia, ib = _top_influential(ga, hp, name, top), _top_influential(gb, hp, name, top)
             if ia is not None and ib is not None:
                 inv = {v: k for k, v in pairs_ab.items()}
-                kept = [x for x in ib if inv.get(x) in set(ia)]
+                set_a, set_b = set(ia), set(ib)
+                kept = [x for x in ib if inv.get(x) in set_a]
                 row["influential"] = {"top_a": ia, "top_b": ib, "kept": kept,
                                       "overlap": len(kept) / max(1, len(ib)),
                                       "entered": [x for x in ib if x not in kept],
-                                      "left": [x for x in ia if pairs_ab.get(x) not in set(ib)]}
+                                      "left": [x for x in ia if pairs_ab.get(x) not in set_b]}
             saes.append(row)
         ca, cb = _concept_sets(sa, ma["targets"][ta]), _concept_sets(sb, mb["targets"][tb])
         concepts = None
