@@ -24,6 +24,15 @@ from .errors import InputError
 from .models import hookpoints
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+REDACTED = "<redacted>"
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user:password@ and without a query string (either may carry a token)."""
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/@]*@)?([^?#]*)", url)
+    if not m:
+        return url
+    return m.group(1) + (REDACTED + "@" if m.group(2) else "") + m.group(3) + ("?" + REDACTED if "?" in url else "")
 
 
 def _check_hookpoint(name: str) -> str:
@@ -390,8 +399,15 @@ class StoreSpec(_Strict):
     url: str = "./runs"
     endpoint_url: Optional[str] = None
     region: Optional[str] = None
-    key: Optional[str] = None
-    secret: Optional[str] = None
+    key: Optional[str] = Field(None, description="access key id; write it as ${ENV_VAR}: a literal value is "
+                               "redacted from everything saeray writes, but stays in your spec file")
+    secret: Optional[str] = Field(None, description="secret access key, as ${ENV_VAR}")
+    retries: int = Field(10, ge=1, le=100, description="attempts per S3 request on transient errors (connection "
+                         "refused or reset, timeouts, 5xx, throttling), with exponential backoff; then the run "
+                         "fails with a clear error and resumes when re-run (docs/reliability.md)")
+    lease_seconds: float = Field(300.0, ge=2, description="a run's lease on its folder: a second process with the "
+                                 "same run name is refused while the lease is renewed; a crashed run's lease "
+                                 "expires after this long (docs/reliability.md)")
 
     @field_validator("url")
     @classmethod
@@ -507,12 +523,24 @@ class AuditSpec(_Strict):
 
     # -- derived ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """The normalised spec, placeholders kept (safe to write anywhere)."""
+        """The normalised spec, placeholders kept; literal credentials too (see :meth:`public_dict`)."""
         return self.model_dump(mode="json")
+
+    def public_dict(self) -> dict:
+        """The spec as written into manifests, reports and ``saeray validate``: placeholders kept and
+        literal store credentials replaced by ``<redacted>`` (a spec may carry them inline)."""
+        d = self.to_dict()
+        st = d["store"]
+        for f in ("key", "secret"):
+            if st.get(f) and not _ENV.fullmatch(st[f]):
+                st[f] = REDACTED
+        if st.get("endpoint_url"):
+            st["endpoint_url"] = redact_url(st["endpoint_url"])
+        return d
 
     def hash(self, *sections: str) -> str:
         """Stable hash of the whole spec, or of some top-level sections (e.g. what a stage depends on)."""
-        d = self.to_dict()
+        d = self.public_dict()   # rotating a credential is not a change of the audit
         if sections:
             d = {k: d[k] for k in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -647,6 +675,6 @@ def load_spec(path_or_url: str) -> AuditSpec:
 
 
 def dump_spec(spec: AuditSpec) -> str:
-    return yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    return yaml.safe_dump(spec.public_dict(), sort_keys=False)
 
 

@@ -36,6 +36,7 @@ from typing import Any, Iterator
 import fsspec
 
 from .errors import InputError
+from .faults import crash_point
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SCHEMES = ("file", "s3")
@@ -55,6 +56,22 @@ def check_url(url: str) -> None:
                 raise ValueError(f"'{url}': '{bucket}' is not a valid S3 bucket name (3-63 lowercase letters, digits, '.', '-'); use s3://bucket/prefix")
         if scheme == "file" and not rest.startswith("/"):
             raise ValueError(f"'{url}': file:// URLs need an absolute path (file:///abs/path)")
+
+
+_BAD_PART = re.compile(r"^\.{1,2}$|[\\\x00-\x1f]|^~|:")
+
+
+def check_rel(rel: str) -> str:
+    """``rel`` as a path below a store folder; names that could leave it (``..``, ``.``, a leading ``~``,
+    a scheme or drive ``x:``, backslashes, control characters) are refused. A leading '/' is not
+    absolute here: every caller means "below this folder", so it is stripped, as before."""
+    parts = rel.strip("/").split("/")
+    for p in parts:
+        if p == "" or _BAD_PART.search(p):
+            raise InputError(f"store path '{rel}': the part {p!r} could leave the store folder; names of runs, "
+                             "targets and hook points are single path parts of letters, digits, '.', '_', '@', '=' "
+                             "and '-'")
+    return "/".join(parts)
 
 
 @dataclass
@@ -111,17 +128,17 @@ class Store:
         return kw
 
     def __truediv__(self, part: str) -> "Store":
-        return Store(f"{self.url}/{part.strip('/')}", self.options)
+        return Store(f"{self.url}/{check_rel(part)}", self.options)
 
     def __reduce__(self):  # picklable for Ray: rebuilt from url + options in the worker
         return (Store, (self.url, self.options))
 
     # -- paths ----------------------------------------------------------------------------------
     def path(self, rel: str = "") -> str:
-        return f"{self.root}/{rel.strip('/')}" if rel else self.root
+        return f"{self.root}/{check_rel(rel)}" if rel else self.root
 
     def url_of(self, rel: str = "") -> str:
-        return f"{self.url}/{rel.strip('/')}" if rel else self.url
+        return f"{self.url}/{check_rel(rel)}" if rel else self.url
 
     # -- reading --------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
@@ -171,6 +188,7 @@ class Store:
         try:
             with self.fs.open(tmp, "wb") as f:
                 yield f
+                crash_point(rel, f, tmp)
             os.replace(tmp, final)  # atomic rename on one filesystem
         except BaseException:
             try:
@@ -187,6 +205,7 @@ class Store:
         f = self.fs.open(self.path(rel), "wb")
         try:
             yield f
+            crash_point(rel, f, None)
             f.close()  # the commit: the object appears now, whole
         except BaseException:
             try:

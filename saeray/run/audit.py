@@ -72,7 +72,7 @@ def run_targets(rc: RunContext, stages: list[str], address: str | None = None) -
     chain = select(stages, rc.resolved)
     check_all(rc.resolved, rc.targets, chain)
     if rc.manifest is None:
-        rc.manifest = Manifest.load_or_create(rc.store, rc.name, rc.spec.to_dict(), rc.spec.hash())
+        rc.manifest = Manifest.load_or_create(rc.store, rc.name, rc.spec.public_dict(), rc.spec.hash())
         if rc.series is not None:
             rc.manifest.data["series"] = {"name": rc.series.name, "date": rc.date}
     for t in rc.targets:
