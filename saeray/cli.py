@@ -46,6 +46,10 @@ def _global(
     if not isinstance(level, int):
         raise typer.BadParameter(f"unknown log level '{log_level}'; use DEBUG, INFO, WARNING or ERROR", param_hint="--log-level")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # the HTTP stacks log request headers (an access key id among them) at DEBUG: never below INFO
+    for name in ("botocore", "aiobotocore", "boto3", "s3fs", "fsspec", "urllib3", "aiohttp", "httpx", "httpcore",
+                 "openai"):
+        logging.getLogger(name).setLevel(max(level, logging.INFO))
     state.store, state.address = store, address
     # before any command imports torch (and before a local Ray starts, whose workers inherit it):
     # idle OpenMP threads spin by default and starve the working ones on a shared or small CPU
@@ -660,14 +664,58 @@ def export(
         typer.echo(f"{fmt} export: {res['out']} ({res['files']} files)")
 
 
+def _cause(e: BaseException) -> BaseException:
+    """The SaerayError behind ``e``, if any: raised in a Ray task or actor it comes back wrapped
+    (RayTaskError.cause, Ray Train's TrainingFailedError, a thread's __cause__)."""
+    seen: set[int] = set()
+    stack = [e]
+    inner = e
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, SaerayError):
+            # RayTaskError(InputError) is itself an InputError whose text is the remote traceback
+            return x.cause if isinstance(getattr(x, "cause", None), SaerayError) else x
+        if getattr(x, "cause", None) is not None and x is inner:   # a Ray wrapper: the worker's own error
+            inner = x.cause
+        stack += [getattr(x, "cause", None), x.__cause__, x.__context__]
+        failures = getattr(x, "worker_failures", None)     # Ray Train: {rank: the worker's error}
+        if isinstance(failures, dict):
+            stack += list(failures.values())
+    return inner
+
+
+def _fail(e: BaseException) -> None:
+    """One paragraph on stderr and the exit code: 2 for bad input, 1 for anything else; the
+    traceback only at --log-level debug (a user's error is not a crash of saeray)."""
+    root = _cause(e)
+    debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+    if debug:
+        import traceback
+
+        traceback.print_exception(e, file=sys.stderr)
+    if isinstance(root, SaerayError):
+        msg, code = str(root), root.exit_code
+    else:
+        msg = f"{type(root).__name__}: {root}".strip()
+        # Ray puts the worker's traceback into the error's text
+        msg = msg.split("Traceback (most recent call last)")[0].rstrip()
+        if len(msg) > 2000:
+            msg = msg[:2000] + " ..."
+        code = 1
+        if not debug:
+            msg += "\n(a runtime failure; a re-run resumes the finished work. --log-level debug shows the traceback)"
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    sys.exit(code)
+
+
 def main() -> None:
     try:
         rc = app(standalone_mode=False)
         if isinstance(rc, int) and rc:    # without standalone mode, click returns typer.Exit's code
             sys.exit(rc)
-    except SaerayError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(e.exit_code)
     except (typer.Exit, SystemExit) as e:  # typer.Exit carries the code
         code = getattr(e, "exit_code", None)
         if code is None:
@@ -676,13 +724,16 @@ def main() -> None:
     except typer.Abort:
         typer.secho("aborted", err=True)
         sys.exit(1)
-    except Exception as e:  # click usage errors and the like
+    except KeyboardInterrupt:
+        typer.secho("interrupted; re-running the same command resumes the finished work", err=True)
+        sys.exit(130)
+    except Exception as e:
         import click
 
-        if isinstance(e, click.ClickException):
+        if isinstance(e, click.ClickException):   # usage errors: click's own message
             e.show()
             sys.exit(2)
-        raise
+        _fail(e)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,12 @@ class ModelRef:
             return tok
         return self._once("_tokenizer", make)
 
+    def check_weights(self) -> None:
+        """The weights' files are there and whole (headers only; once per ModelRef)."""
+        from .models.load import check_weights
+
+        self._once("_weights_ok", lambda: check_weights(self.path) or True)
+
     def meta_model(self) -> Any:
         """The architecture with no weights (meta device): shapes and module layout for planning."""
         import torch

@@ -87,6 +87,8 @@ class CorpusSpec(_Strict):
     source: str = Field("storyworld", description="'storyworld', 'python-docs' (CPython's docs and docstrings: English, offline) "
                         "or a .txt/.jsonl/.parquet file or folder (local or s3://)")
     text_field: str = "text"
+    encoding: str = Field("utf-8", description="text encoding of .txt and .jsonl files (any Python codec: utf-8, "
+                          "latin-1, cp1252, utf-16, ...)")
     n_docs: int = Field(2000, ge=1, description="documents (storyworld) or contexts (text) to harvest")
     context_len: int = Field(128, ge=2, le=1_000_000)
     seed: int = 0
@@ -94,6 +96,19 @@ class CorpusSpec(_Strict):
     skip_first: int = Field(0, ge=0, description="leading real tokens of each context not harvested, trained on or "
                             "spliced: attention-sink positions with massive activations (docs/spec.md)")
     heldout_docs: int = Field(256, ge=0, description="held-out documents for evaluation")
+
+
+    @field_validator("encoding")
+    @classmethod
+    def _encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {v!r}; use a Python codec name such as utf-8, latin-1, "
+                             "cp1252 or utf-16") from None
+        return v
 
 
 class HarvestSpec(_Strict):

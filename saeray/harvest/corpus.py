@@ -127,7 +127,7 @@ class Corpus:
                         total += len(ids)
                     texts.clear()
 
-                for text in _iter_texts(self.files, self.spec.text_field):
+                for text in _iter_texts(self.files, self.spec.text_field, self.spec.encoding):
                     texts.append(text)
                     if len(texts) >= 256:
                         flush()
@@ -251,50 +251,78 @@ def _list_text_files(source: str) -> list[str]:
     return [f if proto in ("file", "local") else f"{proto}://{f}" for f in files]
 
 
-def iter_jsonl(url: str):
+def _lines(url: str, encoding: str):
+    """The lines of a text file (local or s3://); bytes that are not ``encoding`` are an InputError
+    naming the file, the line and the byte, with the corpus.encoding to set."""
+    import fsspec
+
+    ln = 0
+    try:
+        with fsspec.open(url, "r", encoding=encoding) as fh:
+            for ln, line in enumerate(fh, 1):
+                yield ln, line
+    except UnicodeError as e:
+        bad = e.object[e.start:e.start + 4] if isinstance(getattr(e, "object", None), bytes) else b""
+        raise InputError(f"{url}: not {encoding} text near line {ln + 1} (bytes {bad!r}: {e.reason}); set "
+                         "corpus.encoding to the file's encoding (e.g. latin-1, cp1252, utf-16) or convert the file "
+                         "to UTF-8") from None
+    except OSError as e:
+        raise InputError(f"{url}: cannot read it ({e}); check the path and permissions") from None
+
+
+def iter_jsonl(url: str, encoding: str = "utf-8"):
     """(line number, object) of every non-blank line of a JSON-lines file (local or s3://); a line
     that is not JSON is an InputError naming the file and line."""
+    for ln, line in _lines(url, encoding):
+        if not line.strip():
+            continue
+        try:
+            yield ln, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{url}:{ln}: not valid JSON ({e.msg})") from None
+
+
+def _iter_parquet(f: str, field: str) -> Iterator[str]:
     import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    with fsspec.open(url, "r", encoding="utf-8") as fh:
-        for ln, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield ln, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{url}:{ln}: not valid JSON ({e.msg})") from None
+    try:
+        with fsspec.open(f, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            if field not in pf.schema_arrow.names:
+                raise InputError(f"{f}: no column '{field}' (columns: {pf.schema_arrow.names}); set corpus.text_field")
+            if not (pa.types.is_string(pf.schema_arrow.field(field).type)
+                    or pa.types.is_large_string(pf.schema_arrow.field(field).type)):
+                raise InputError(f"{f}: column '{field}' holds {pf.schema_arrow.field(field).type}, not text; set "
+                                 "corpus.text_field to a string column")
+            for batch in pf.iter_batches(columns=[field], batch_size=1024):
+                for t in batch.column(0).to_pylist():
+                    if t:
+                        yield t
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{f}: not a readable Parquet file ({e}); replace or remove it") from None
 
 
-def _iter_texts(files: list[str], field: str) -> Iterator[str]:
-    import fsspec
-
+def _iter_texts(files: list[str], field: str, encoding: str = "utf-8") -> Iterator[str]:
     for f in files:
         if f.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            with fsspec.open(f, "rb") as fh:
-                pf = pq.ParquetFile(fh)
-                if field not in pf.schema_arrow.names:
-                    raise InputError(f"{f}: no column '{field}' (columns: {pf.schema_arrow.names}); set corpus.text_field")
-                for batch in pf.iter_batches(columns=[field], batch_size=1024):
-                    for t in batch.column(0).to_pylist():
-                        if t:
-                            yield t
+            yield from _iter_parquet(f, field)
         elif f.endswith(".jsonl"):
-            for ln, obj in iter_jsonl(f):
+            for ln, obj in iter_jsonl(f, encoding):
                 if not isinstance(obj, dict) or field not in obj:
                     raise InputError(f"{f}:{ln}: no field '{field}'; set corpus.text_field")
+                if not isinstance(obj[field], str):
+                    raise InputError(f"{f}:{ln}: field '{field}' is {type(obj[field]).__name__}, not text")
                 if obj[field]:
                     yield obj[field]
         else:
-            with fsspec.open(f, "r") as fh:
-                para: list[str] = []
-                for line in fh:
-                    if line.strip():
-                        para.append(line.rstrip("\n"))
-                    elif para:
-                        yield "\n".join(para)
-                        para = []
-                if para:
+            para: list[str] = []
+            for _, line in _lines(f, encoding):
+                if line.strip():
+                    para.append(line.rstrip("\n"))
+                elif para:
                     yield "\n".join(para)
+                    para = []
+            if para:
+                yield "\n".join(para)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import InputError
@@ -34,7 +35,11 @@ class ActivationDataset:
 
     def __post_init__(self) -> None:
         self.store = Store(self.url, self.store_options) if "://" in self.url else Store.open(self.url)
-        if not self.files:
+        listed = not self.files   # a URL from the user, not the files a harvest recorded
+        if listed:
+            if not self.store.fs.exists(self.store.path()):
+                raise InputError(f"--activations {self.url}: no such folder; pass a hook-point dataset "
+                                 "(e.g. <run>/targets/<model>@<rev>/acts/resid_post.0) or a folder of Parquet files")
             found = [p for p in self.store.fs.find(self.store.path()) if p.endswith(".parquet")]
             root = self.store.path().rstrip("/") + "/"
             self.files = sorted(p[len(root):] for p in found
@@ -42,15 +47,44 @@ class ActivationDataset:
         if not self.files:
             raise InputError(f"{self.url}: no .parquet files found; pass a hook-point dataset "
                              "(e.g. <run>/acts/resid_post.0) or a folder of Parquet files with an 'act' column")
-        first = self._schema(self.files[0])
-        if "act" not in first.names:
-            raise InputError(f"{self.url}/{self.files[0]}: no 'act' column (columns: {first.names})")
-        act_t = first.field("act").type
-        if not hasattr(act_t, "list_size"):
-            raise InputError(f"{self.url}/{self.files[0]}: column 'act' must be a fixed_size_list of floats, got {act_t}")
-        self.d = act_t.list_size
-        self.meta = read_meta(first)
         self._rows: int | None = None
+        first = self._schema(self.files[0])
+        self.d = self._width(self.files[0], first)
+        self.meta = read_meta(first)
+        if listed:
+            self._check_files()
+
+    def _width(self, rel: str, schema) -> int:
+        if "act" not in schema.names:
+            raise InputError(f"{self.url}/{rel}: no 'act' column (columns: {schema.names}); pass a hook-point "
+                             "dataset written by saeray harvest, or Parquet files with a fixed-size-list 'act' column")
+        act_t = schema.field("act").type
+        if not hasattr(act_t, "list_size") or not pa.types.is_floating(act_t.value_type):
+            raise InputError(f"{self.url}/{rel}: column 'act' must be a fixed_size_list of floats, got {act_t}")
+        return act_t.list_size
+
+    def _check_files(self) -> None:
+        """Every file's footer read once before training: a truncated or foreign file, or one of
+        another width, fails now with its name instead of mid-run (footers only; no data read)."""
+        total = 0
+        for rel in self.files:
+            schema, rows = self._footer(rel)
+            d = self._width(rel, schema)
+            if d != self.d:
+                raise InputError(f"{self.url}/{rel}: activations of width {d}, but {self.files[0]} has {self.d}; a "
+                                 "dataset holds one hook point: remove the file or pass its own folder")
+            total += rows
+        self._rows = total
+
+    def _footer(self, rel: str):
+        """(schema, rows) of one file, from its footer."""
+        try:
+            with self.store.fs.open(self.store.path(rel), "rb") as f:
+                pf = pq.ParquetFile(f)
+                return pf.schema_arrow, pf.metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"{self.url}/{rel}: not a readable Parquet file ({e}); the file is truncated or not "
+                             "Parquet: remove it or harvest again") from None
 
     @classmethod
     def from_target(cls, target: Store, hookpoint: str, **kw) -> "ActivationDataset":
@@ -67,8 +101,7 @@ class ActivationDataset:
 
     # -- metadata ---------------------------------------------------------------------------------
     def _schema(self, rel: str):
-        with self.store.fs.open(self.store.path(rel), "rb") as f:
-            return pq.ParquetFile(f).schema_arrow
+        return self._footer(rel)[0]
 
     @property
     def num_rows(self) -> int:

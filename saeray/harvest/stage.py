@@ -76,7 +76,9 @@ def key(spec, target) -> dict:
             "hookpoints": list(spec.hookpoints), "harvest.dtype": h.dtype, "harvest.unit_contexts": h.unit_contexts,
             "corpus.source": c.source, "corpus.text_field": c.text_field, "corpus.n_docs": c.n_docs,
             "corpus.context_len": c.context_len, "corpus.seed": c.seed, "corpus.drop_bos": c.drop_bos,
-            "corpus.skip_first": c.skip_first}
+            "corpus.skip_first": c.skip_first,
+            # only when set: runs recorded before the option keep their key
+            **({"corpus.encoding": c.encoding} if c.encoding != "utf-8" else {})}
 
 
 def check(spec, targets) -> None:

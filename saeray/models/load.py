@@ -148,8 +148,68 @@ def load_model(name_or_path: str | os.PathLike, revision: str | None = None, dty
     return model, load_tokenizer(name_or_path, revision, trust_remote_code)
 
 
+def check_weights(path: str) -> None:
+    """Fail before any actor starts when a local model folder cannot be loaded: no safetensors weights
+    (pickled ``.bin`` only, or nothing), a shard named by ``model.safetensors.index.json`` missing, or a
+    ``.safetensors`` file that is truncated or not safetensors (its header is read and the file's
+    size checked against the tensors it declares; no tensor data is read). Hub ids are not checked
+    here: their files are fetched by transformers."""
+    if not _is_local(path):
+        return
+    folder = Path(path.removeprefix("file://")).expanduser()
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+            raise InputError(f"model folder '{folder}' holds only pickled weights (.bin/.pt); saeray never "
+                             "unpickles weights. Convert them once in a trusted environment with transformers "
+                             "(AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, "
+                             "safe_serialization=True)) and point model.name at out")
+        raise InputError(f"model folder '{folder}' has no weights (no *.safetensors file); give a folder written by "
+                         "save_pretrained(..., safe_serialization=True)")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{index}: not a safetensors index ({e}); re-save the model") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise InputError(f"{index} names {len(missing)} shard(s) that are not in the folder (first: {missing[0]}); "
+                             "copy the whole model folder")
+        files = [folder / s for s in shards]
+    for f in files:
+        _check_safetensors(f)
+
+
+def _check_safetensors(f: Path) -> None:
+    import json
+    import struct
+
+    size = f.stat().st_size
+    what = None
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                what = f"not a safetensors file, or truncated (its first bytes declare a {n}-byte header; the file has {size} bytes)"
+            else:
+                header = json.loads(fh.read(n))
+                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+                need = 8 + n + max(ends, default=0)
+                if size < need:
+                    what = f"{size} bytes, but its tensors need {need}: the file is truncated"
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        what = f"not a safetensors file ({type(e).__name__}: {e})"
+    if what:
+        raise InputError(f"model weights {f}: {what}. Copy or download the file again (compare its size with the "
+                         "source), or re-save the model with save_pretrained(..., safe_serialization=True)")
+
+
 def _has_pickle_only(folder: Path) -> bool:
     return not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin"))
 
 
-__all__ = ["load_model", "load_config", "load_tokenizer", "resolve", "parse_dtype", "supported_help", "DTYPES"]
+__all__ = ["load_model", "load_config", "check_weights", "load_tokenizer", "resolve", "parse_dtype", "supported_help", "DTYPES"]

@@ -106,6 +106,12 @@ def select(names: list[str], spec=None) -> list[Stage]:
 
 
 def check_all(spec, targets: list[Target], stages: list[Stage]) -> None:
+    """Every input a run reads is checked here, in the driver, before any actor starts: each
+    model's config, tokenizer and weight files (a truncated or pickled checkpoint would otherwise
+    fail inside a shard actor), then each stage's own checks (corpus, hook points, SAE settings)."""
+    for t in targets:
+        t.ref.config()
+        t.ref.check_weights()
     for st in stages:
         st.check(spec, targets)
 

@@ -104,7 +104,12 @@ def load(path_or_url, device: str = "cpu") -> SAE:
     st = _store(path_or_url)
     if not st.exists(CFG) or not st.exists(WEIGHTS):
         raise InputError(f"{st.url}: not an SAE folder (needs {CFG} and {WEIGHTS})")
-    cfg = json.loads(st.read_bytes(CFG))
+    try:
+        cfg = json.loads(st.read_bytes(CFG))
+    except ValueError as e:
+        raise InputError(f"{st.url_of(CFG)}: not JSON ({e}); the SAE folder is damaged: train or copy it again") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{st.url_of(CFG)}: not a JSON object; the SAE folder is damaged: train or copy it again")
     for k in ("d_in", "d_sae"):
         if k not in cfg:
             raise InputError(f"{st.url_of(CFG)}: missing field '{k}'")
@@ -114,7 +119,11 @@ def load(path_or_url, device: str = "cpu") -> SAE:
     if cfg.get("apply_b_dec_to_input", True) is False:
         raise InputError(f"{st.url_of(CFG)}: apply_b_dec_to_input=false is not supported")
     sae = _module_for(cfg)
-    tensors = st_load(st.read_bytes(WEIGHTS))
+    try:
+        tensors = st_load(st.read_bytes(WEIGHTS))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (truncated, not safetensors)
+        raise InputError(f"{st.url_of(WEIGHTS)}: not a readable safetensors file ({type(e).__name__}: {e}); the SAE "
+                         "folder is damaged: train or copy it again") from None
     expected = LAYOUT[sae.saelens_arch]
     if set(tensors) != set(expected):
         raise InputError(f"{st.url_of(WEIGHTS)}: tensors {sorted(tensors)} do not match the "
