@@ -1,7 +1,9 @@
 """The ``saeray`` command line (typer + rich).
 
 Exit codes: 0 success, 2 bad usage / invalid spec / invalid input, 1 runtime failure, 3 an audit of a
-series finished and crossed an alert threshold (saeray.schedule.alerts).
+series finished and crossed an alert threshold (saeray.schedule.alerts), 4 another process holds the run
+(its lease in <run>/_lease; saeray.run.lease), 130 interrupted. docs/reliability.md lists what each
+failure prints and what is guaranteed.
 Every ``saeray bench ...`` command accepts ``--json`` and then prints one JSON object as its last line.
 
 Each capability registers its commands in its own section below; heavy imports happen inside the
@@ -587,6 +589,27 @@ def bench_seeds(
         raise InputError(f"--seeds: '{seeds}' is not two integers; give e.g. 0,1") from None
     res = run_bench(spec, (a, b), threshold, address=state.address)
     show_bench(render(res), res, json_out)
+
+
+@bench_app.command("chaos")
+def bench_chaos(
+    items: int = typer.Option(10_000, "--items", min=1, max=1_000_000, help="small work items through the model pool"),
+    kill_every: float = typer.Option(3.0, "--kill-every", min=0.1, help="seconds of healthy running between worker kills"),
+    max_kills: int = typer.Option(10, "--max-kills", min=0, help="at most this many SIGKILLs (0: no chaos, the baseline)"),
+    replicas: int = typer.Option(2, "--replicas", min=1, help="pipelines (one actor and one CPU each)"),
+    seed: int = typer.Option(0, "--seed", help="which worker each kill picks"),
+    out: Optional[str] = typer.Option(None, "--out", help="where the item records go (default: a temporary folder)"),
+    json_out: bool = typer.Option(False, "--json", help="print the figures as one JSON line last"),
+) -> None:
+    """Many small items through the model pool while random pool workers are SIGKILLed: every result
+    exactly once, driver RSS flat. Starts its own local Ray (it must find and kill the pool's workers)."""
+    from .bench.chaos import render, run_bench
+
+    res = run_bench(items=items, kill_every=kill_every, max_kills=max_kills, replicas=replicas, seed=seed, store=out)
+    show_bench(render(res), res, json_out)
+    if not res["ok"]:
+        raise SaerayError(f"bench chaos: results are not exact ({res['missing']} missing, {res['duplicates']} "
+                          f"duplicated, {res['wrong']} wrong, {res['extra']} unexpected)")
 
 
 @bench_app.command("saelens")

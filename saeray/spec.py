@@ -423,6 +423,9 @@ class StoreSpec(_Strict):
     lease_seconds: float = Field(300.0, ge=2, description="a run's lease on its folder: a second process with the "
                                  "same run name is refused while the lease is renewed; a crashed run's lease "
                                  "expires after this long (docs/reliability.md)")
+    lease_takeover: bool = Field(True, description="take over at once the lease of a run whose process died on this "
+                                 "same machine (host, boot and pid namespace match and its pid is gone); false: "
+                                 "always wait for the lease to expire")
 
     @field_validator("url")
     @classmethod

@@ -95,8 +95,10 @@ class Store:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def open(cls, url: str, endpoint_url: str | None = None, region: str | None = None,
-             key: str | None = None, secret: str | None = None) -> "Store":
-        opts = {k: v for k, v in dict(endpoint_url=endpoint_url, region=region, key=key, secret=secret).items() if v}
+             key: str | None = None, secret: str | None = None, retries: int | None = None) -> "Store":
+        """``retries``: attempts per S3 request on transient errors (:mod:`saeray.storefaults`; default 10)."""
+        opts = {k: v for k, v in dict(endpoint_url=endpoint_url, region=region, key=key, secret=secret,
+                                      retries=retries).items() if v}
         if "://" not in url:
             url = os.path.abspath(url)
         return cls(url, opts)
@@ -104,12 +106,18 @@ class Store:
     @classmethod
     def from_spec(cls, store_spec) -> "Store":
         """From a (resolved) :class:`saeray.spec.StoreSpec`."""
-        return cls.open(store_spec.url, store_spec.endpoint_url, store_spec.region, store_spec.key, store_spec.secret)
+        return cls.open(store_spec.url, store_spec.endpoint_url, store_spec.region, store_spec.key, store_spec.secret,
+                        retries=getattr(store_spec, "retries", None))
 
     def _fs_kwargs(self) -> dict:
         if not self.url.startswith("s3://"):
             return {}
-        kw: dict[str, Any] = {}
+        from .storefaults import s3_class
+
+        s3_class()  # registers saeray's retrying s3fs class as fsspec's "s3", which url_to_fs then opens
+        kw: dict[str, Any] = {"store_url": self.url}
+        if self.options.get("retries"):
+            kw["attempts"] = int(self.options["retries"])
         client: dict[str, Any] = {}
         endpoint = self.options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
@@ -249,6 +257,15 @@ class Store:
         for p in stale:
             self.fs.rm(p)
         return len(stale)
+
+    def check_writable(self) -> None:
+        """Raise InputError (exit 2) unless this store can be reached and written with the settings
+        given: a hidden probe object is written next to the run's folders and deleted. Existing
+        objects are never touched; on S3 a short retry budget (an unreachable store at start is a
+        configuration problem, not an outage)."""
+        from .storefaults import check_writable
+
+        check_writable(self)
 
     # -- interop --------------------------------------------------------------------------------
     def arrow_fs(self):

@@ -227,3 +227,17 @@ class WebhookReceiver:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture
+def s3_proxy(moto_endpoint):
+    """A fault-injecting proxy (tests/s3proxy.py) in front of the session's moto server: down(),
+    up(), errors(n, status, code). Closed at the end."""
+    from s3proxy import S3Proxy
+
+    px = S3Proxy(moto_endpoint)
+    try:
+        yield px
+    finally:
+        px.close()
+

@@ -104,7 +104,9 @@ def run(ctx: TargetContext, inputs: dict) -> HarvestResult:
     done = records.names()
     todo = [u for u in range(units.count) if Units.name(u) not in done]
     if ctx.store.is_local:
-        swept = ctx.store.sweep_tmp("acts")
+        # the whole target folder: records, checkpoints and sweep tables leave temporaries too (this
+        # process holds the run's lease, so no writer of this run is live)
+        swept = ctx.store.sweep_tmp()
         if swept:
             log.info(f"harvest {target}: removed {swept} temporaries left by an interrupted run")
     counts = {"tokens": 0, "t_first": None, "tokens_first": 0}

@@ -85,10 +85,15 @@ def load_config(name_or_path: str | os.PathLike, revision: str | None = None, tr
         config = AutoConfig.from_pretrained(path, revision=rev, trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" in str(e):
-            raise InputError(f"model '{name_or_path}' needs custom code from its repository; set "
-                             f"trust_remote_code: true in the spec if you trust it ({e})") from None
+            raise InputError(f"model '{name_or_path}' needs custom code from its repository (its config names "
+                             "code through auto_map); saeray does not run it unless the spec sets "
+                             "model.trust_remote_code: true, which you should only do for code you have read "
+                             "and trust") from None
         raise InputError(f"cannot read the config of model '{name_or_path}': {e}") from None
     except OSError as e:
+        if _is_local(path):
+            raise InputError(f"model folder '{path}': cannot read its config.json ({str(e).rstrip('.')}); fix the "
+                             "file or save the model again with save_pretrained") from None
         raise InputError(f"cannot find model '{name_or_path}'"
                          f"{f' at revision {revision}' if revision else ''}: {e}. There is no network access "
                          f"here unless the model is already in the Hugging Face cache; give a local path") from None

@@ -48,6 +48,7 @@ from ..errors import InputError, SaerayError
 log = logging.getLogger("saeray")
 
 MAX_ATTEMPTS = 4
+MAX_RESTARTS = 3
 
 
 class ItemLost(RuntimeError):
@@ -181,12 +182,13 @@ class PoolWorker:
         return out
 
 
-def actor_class():
-    """The Ray actor around :class:`PoolWorker`: restarted by Ray if its process dies; calls are not
-    retried blindly (a restarted worker answers ItemLost and the pool re-runs the item)."""
+def actor_class(max_restarts: int = MAX_RESTARTS):
+    """The Ray actor around :class:`PoolWorker`: restarted by Ray if its process dies (at most
+    ``max_restarts`` times over its life); calls are not retried blindly (a restarted worker
+    answers ItemLost and the pool re-runs the item)."""
     import ray
 
-    return ray.remote(max_restarts=3, max_task_retries=0)(PoolWorker)
+    return ray.remote(max_restarts=max_restarts, max_task_retries=0)(PoolWorker)
 
 
 # ---- plans -----------------------------------------------------------------------------------
@@ -233,11 +235,13 @@ class ModelPool:
 
     def __init__(self, load: Load, ranges: Sequence[tuple[int, int]], job_factory: Callable[..., Job],
                  job_args: Sequence[dict], *, replicas: int = 1, resources: dict | None = None,
-                 max_in_flight: int = 4, max_attempts: int = MAX_ATTEMPTS, name: str = "pool"):
+                 max_in_flight: int = 4, max_attempts: int = MAX_ATTEMPTS, max_restarts: int = MAX_RESTARTS,
+                 name: str = "pool"):
         if len(job_args) != len(ranges):
             raise ValueError("one job_args dict per stage")
         self.load, self.ranges, self.job_factory, self.job_args = load, list(ranges), job_factory, list(job_args)
         self.replicas, self.max_in_flight, self.max_attempts, self.name = replicas, max_in_flight, max_attempts, name
+        self.max_restarts = max_restarts
         self.resources = dict(resources or {"CPU": 1})
         self.pipes: list[_Pipe] = []
         self._pg = None
@@ -278,7 +282,7 @@ class ModelPool:
             while not self._pg.wait(timeout_seconds=30):
                 waited += 30
                 log.info(f"{self.name}: waiting for the cluster to hold {n} actor(s) of {res} ({waited:.0f} s)")
-        Actor = actor_class()
+        Actor = actor_class(self.max_restarts)
         i = 0
         for _ in range(self.replicas):
             actors = []
@@ -327,18 +331,25 @@ class ModelPool:
         completed (never for a failed attempt); ``on_batch(tag)`` per batch that came through (a
         batch of an attempt that later fails is counted too: use it for progress, not results).
         Returns timing figures: ``first_batch_s`` (actors placed and layers loaded) and
-        ``steady_wall_s`` (from the first batch back to the end)."""
+        ``steady_wall_s`` (from the first batch back to the end), and ``retries`` (attempts re-run).
+
+        ``items`` is read lazily and the pool keeps only the items in flight or waiting for a retry,
+        so a generator of a million items costs the driver no more memory than ten."""
         import ray
 
-        todo: deque = deque((it, 0) for it in items)
+        source = iter(items)
+        todo: deque = deque()      # (item, attempt) to re-run first; new items come from source
+        more = True
         finishing: dict[Any, tuple[str, int]] = {}
         pending_finish: dict[tuple[str, int], list] = {}
         dead: set[tuple[str, int]] = set()
-        by_key = {}
+        by_key: dict[str, Item] = {}   # items started and not yet done (the retry needs the item)
+        retries = 0
 
         def fail(key: str, attempt: int, err: BaseException) -> None:
-            if (key, attempt) in dead:
-                return
+            nonlocal retries
+            if (key, attempt) in dead or key not in by_key:
+                return   # already re-run, or the item finished: a late error must not run it twice
             dead.add((key, attempt))
             if attempt + 1 >= self.max_attempts:
                 raise SaerayError(f"{self.name}: item {key} failed {attempt + 1} times; last error: {err}") from err
@@ -348,21 +359,34 @@ class ModelPool:
                 # a restarted actor reloads its layers (seconds, more on a loaded machine); retrying
                 # before it answers again would fail at once and use up every attempt
                 _wait_alive(self.actors, what=self.name)
+            retries += 1
             todo.appendleft((by_key[key], attempt + 1))
             for pipe in self.pipes:
                 if pipe.cur is not None and pipe.cur[:2] == (key, attempt):
                     pipe.cur = None
 
+        def take() -> tuple[Item, int] | None:
+            nonlocal more
+            if todo:
+                return todo.popleft()
+            if more:
+                it = next(source, None)
+                if it is not None:
+                    return it, 0
+                more = False
+            return None
+
         t0 = time.perf_counter()
         t_first = None
         batches_done = 0
-        while todo or any(p.inflight or p.cur for p in self.pipes) or finishing:
+        while more or todo or any(p.inflight or p.cur for p in self.pipes) or finishing:
             for pipe in self.pipes:
                 while len(pipe.inflight) < self.max_in_flight:
                     if pipe.cur is None:
-                        if not todo:
+                        nxt_item = take()
+                        if nxt_item is None:
                             break
-                        it, att = todo.popleft()
+                        it, att = nxt_item
                         by_key[it.key] = it
                         for a in pipe.actors:
                             a.begin.remote(it.key, att)
@@ -399,6 +423,7 @@ class ModelPool:
                     except Exception as e:  # noqa: BLE001 - any actor failure means: re-run the item
                         fail(key, att, e)
                         continue
+                    by_key.pop(key, None)
                     on_item(key, parts)
                 continue
             for pipe in self.pipes:
@@ -420,7 +445,7 @@ class ModelPool:
                     continue
                 break
         t_end = time.perf_counter()
-        out = {"loop_wall_s": round(t_end - t0, 3), "batches": batches_done}
+        out = {"loop_wall_s": round(t_end - t0, 3), "batches": batches_done, "retries": retries}
         if t_first is not None:
             out["first_batch_s"] = round(t_first - t0, 3)
             out["steady_wall_s"] = round(t_end - t_first, 3)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 from ..store import Store
+from .lease import check_for
 
 DIR = "_records"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@=-]*$")  # one path component, never hidden
@@ -41,6 +42,7 @@ class Records:
 
     def put(self, unit: str, record: dict) -> None:
         """Record ``unit`` as finished: one atomic write of one small object."""
+        check_for(self.store)  # a driver that lost its run's lease stops before recording more work
         self.store.write_json(self._unit_file(_check_name("unit", unit)), record)
 
     # -- reading --------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import math
+import pickle
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -328,8 +329,18 @@ class MultiTrainer:
     def load_checkpoint(self, store) -> bool:
         if store is None or not store.exists(CKPT_NAME):
             return False
-        # our own file, written by save_checkpoint: full unpickling is safe here
-        sd = torch.load(io.BytesIO(store.read_bytes(CKPT_NAME)), map_location=self.device, weights_only=False)
+        # tensors and plain containers only: the bytes come from a store that others may write to
+        # (a shared bucket), and a full unpickle would run whatever code a crafted file names
+        try:
+            sd = torch.load(io.BytesIO(store.read_bytes(CKPT_NAME)), map_location=self.device, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+            why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise InputError(f"{store.url_of(CKPT_NAME)} is not a checkpoint saeray can load safely (tensors and "
+                             f"plain values only): {why}. Delete it to train this unit from the start, or use "
+                             "another run name") from None
+        if not isinstance(sd, dict) or sd.get("version") != 1:
+            raise InputError(f"{store.url_of(CKPT_NAME)} is not a saeray trainer checkpoint; delete it to train "
+                             "this unit from the start, or use another run name")
         self.load_state_dict(sd)
         return True
 
