@@ -174,9 +174,11 @@ def diff(
     d = diff_runs(a, b, threshold, top, ma=ma, mb=mb)
     if save:
         from .report.build import build_report
+        from .run.lease import of_manifest
 
-        b.write_json("diff/previous.json", d)
-        build_report(b, mb)
+        with of_manifest(b, mb).acquire():    # never beside an audit still writing that run
+            b.write_json("diff/previous.json", d)
+            build_report(b, mb)
     if json_out:
         typer.echo(render_text(d), err=True)
         print_json(d)
@@ -224,7 +226,11 @@ def report(
     if not store.exists("manifest.json"):
         raise InputError(f"{run}: no manifest.json, so this is not a saeray run folder; give <store>/<run name> "
                          "of a run started with `saeray audit`")
-    res = build_report(store, store.read_json("manifest.json"))
+    from .run.lease import of_manifest
+
+    manifest = store.read_json("manifest.json")
+    with of_manifest(store, manifest).acquire():   # never beside an audit still writing that run
+        res = build_report(store, manifest)
     res["report"] = store.url_of("report/index.html")
     if json_out:
         print_json(res)

@@ -330,3 +330,17 @@ def test_two_audits_one_run_name_then_kill_expire_resume(ray_local, tiny_model, 
         assert t.num_rows == want                                              # none lost
         assert len(set(zip(t["doc"].to_pylist(), t["pos"].to_pylist()))) == want  # none duplicated
     assert json.loads((root / "report" / "summary.json").read_text())["saes"]
+
+
+def test_report_rebuild_waits_for_the_run_it_would_write_into(tmp_path):
+    """`saeray report RUN` writes into the run folder: refused (exit 4) while an audit holds the run."""
+    run = Store.open(str(tmp_path / "r"))
+    run.write_json("manifest.json", {"run": "r", "spec": {"store": {"lease_seconds": 600}}})
+    lease = Lease(run, "r", 600).acquire()
+    try:
+        p = subprocess.run([sys.executable, "-m", "saeray", "report", str(tmp_path / "r")], capture_output=True,
+                           text=True, timeout=120)
+    finally:
+        lease.release()
+    assert p.returncode == 4 and "is in use by another saeray process" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "r" / "report").exists()

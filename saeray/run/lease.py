@@ -180,6 +180,14 @@ def _held_message(run: Store, rec: dict, t: float) -> str:
             f"{rec.get('ttl_s', '?')} s after its last renewal (store.lease_seconds) and a new run then resumes it.")
 
 
+def of_manifest(run: Store, manifest: dict) -> "Lease":
+    """The lease for a command that writes into a finished run (``saeray report``, ``diff --save``),
+    with the settings the run was started with."""
+    st = (manifest.get("spec") or {}).get("store") or {}
+    return Lease(run, manifest.get("run") or run.url.rsplit("/", 1)[-1], float(st.get("lease_seconds") or 300.0),
+                 take_dead=st.get("lease_takeover", True))
+
+
 @dataclass
 class Lease:
     """``with Lease(run_store, "run-name", ttl).acquire() as lease: ... lease.check() ...``"""
