@@ -266,6 +266,8 @@ def _lines(url: str, encoding: str):
         raise InputError(f"{url}: not {encoding} text near line {ln + 1} (bytes {bad!r}: {e.reason}); set "
                          "corpus.encoding to the file's encoding (e.g. latin-1, cp1252, utf-16) or convert the file "
                          "to UTF-8") from None
+    except FileNotFoundError:
+        raise   # callers name what the file was for (corpus.source, a prompt set)
     except OSError as e:
         raise InputError(f"{url}: cannot read it ({e}); check the path and permissions") from None
 

@@ -55,6 +55,7 @@ class LeaseLost(SaerayError):
 
 
 _HELD: dict[str, "Lease"] = {}  # run folder URL -> the lease this process holds on it
+_MINE: set[str] = set()          # tokens of the leases this process is acquiring or holds
 
 
 def check_for(store: Store) -> None:
@@ -148,6 +149,10 @@ def holder_gone(rec: dict | None) -> bool:
         return False
     if not isinstance(o.get("pid"), int) or o.get("started") is None:
         return False
+    if o["pid"] == os.getpid():
+        # ours, but no live Lease of this process has its token: a run in this process ended
+        # without releasing it (the store was down at the end)
+        return o.get("token") not in _MINE
     started = _started(o["pid"])
     return started is None or abs(started - o["started"]) > 1.0
 
@@ -220,15 +225,20 @@ class Lease:
             log.warning(f"run folder {self.run.url}: its lease holder (pid {o.get('pid')} on this machine) is gone; "
                         "taking the run over")
         self.gen, self.acquired = gen + 1, t
+        _MINE.add(self.owner["token"])
         try:
             create_exclusive(self.run, _name(self.gen), self._record(t))
         except FileExistsError:  # taken between our read and our create, unless a retried request of ours made it
             gen, rec = current(self.run)
             if gen == self.gen and (rec or {}).get("owner", {}).get("token") == self.owner["token"]:
                 return self._start(t)
+            _MINE.discard(self.owner["token"])
             raise LeaseHeld(_held_message(self.run, rec, now()) if _active(rec, now()) else
                             f"run folder {self.run.url}: another saeray process acquired its lease at the same "
                             "moment; wait for it to finish, or use another run name") from None
+        except BaseException:
+            _MINE.discard(self.owner["token"])
+            raise
         return self._start(t)
 
     def _start(self, t: float) -> "Lease":
@@ -286,6 +296,7 @@ class Lease:
     def release(self) -> None:
         """Stop renewing and mark the lease released, if we still hold it (best effort)."""
         self._stop.set()
+        _MINE.discard(self.owner["token"])
         if _HELD.get(self.run.url) is self:
             del _HELD[self.run.url]
         if self._thread is not None:
