@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import socket
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from s3fs import S3FileSystem
 from s3fs.errors import translate_boto_error
 
 from .errors import InputError, SaerayError
+from .spec import redact_url
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,6 @@ def is_transient(e: BaseException) -> bool:
         status, code = _status_and_code(e)
         return code in _THROTTLE_CODES or status in (429, 500, 502, 503, 504)
     return isinstance(e, _transient_types())
-
-
-def redact_url(url: str | None) -> str:
-    """``url`` without any user:password@ part."""
-    return re.sub(r"//[^/@]*@", "//", url) if url else ""
 
 
 @dataclass(frozen=True)
@@ -178,7 +173,7 @@ class RetryingS3FileSystem(S3FileSystem):
 
     def _where(self) -> Where:
         endpoint = (self.client_kwargs or {}).get("endpoint_url") or ""
-        return Where(url=self.store_url or "the S3 store", endpoint=redact_url(endpoint))
+        return Where(url=self.store_url or "the S3 store", endpoint=redact_url(endpoint) if endpoint else "")
 
     async def _call_s3(self, method, *akwarglist, **kwargs):
         await self.set_session()
@@ -229,7 +224,8 @@ def check_writable(store) -> None:
     probe_fs = cls(**{**fs.storage_options, "attempts": min(CHECK_POLICY.attempts, fs.policy.attempts)}) \
         if isinstance(fs, cls) else fs
     bucket = store.root.split("/", 1)[0]
-    where = Where(url=store.url, endpoint=redact_url((getattr(probe_fs, "client_kwargs", None) or {}).get("endpoint_url")))
+    endpoint = (getattr(probe_fs, "client_kwargs", None) or {}).get("endpoint_url")
+    where = Where(url=store.url, endpoint=redact_url(endpoint) if endpoint else "")
     path = f"{store.root}/{name}"
     try:
         probe_fs.pipe_file(path, b"saeray write probe\n")

@@ -294,9 +294,9 @@ def _iter_parquet(f: str, field: str) -> Iterator[str]:
             pf = pq.ParquetFile(fh)
             if field not in pf.schema_arrow.names:
                 raise InputError(f"{f}: no column '{field}' (columns: {pf.schema_arrow.names}); set corpus.text_field")
-            if not (pa.types.is_string(pf.schema_arrow.field(field).type)
-                    or pa.types.is_large_string(pf.schema_arrow.field(field).type)):
-                raise InputError(f"{f}: column '{field}' holds {pf.schema_arrow.field(field).type}, not text; set "
+            kind = pf.schema_arrow.field(field).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise InputError(f"{f}: column '{field}' holds {kind}, not text; set "
                                  "corpus.text_field to a string column")
             for batch in pf.iter_batches(columns=[field], batch_size=1024):
                 for t in batch.column(0).to_pylist():

@@ -106,11 +106,7 @@ class ActivationDataset:
     @property
     def num_rows(self) -> int:
         if self._rows is None:
-            total = 0
-            for rel in self.files:
-                with self.store.fs.open(self.store.path(rel), "rb") as f:
-                    total += pq.ParquetFile(f).metadata.num_rows
-            self._rows = total
+            self._rows = sum(self._footer(rel)[1] for rel in self.files)
         return self._rows
 
     # -- reading ----------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ written temporary to the final name (``link`` fails if the name exists). Two pro
 find the lease free race to create the same next generation, and exactly one succeeds.
 
 * **acquire**: the newest generation unexpired and not released -> :class:`LeaseHeld` (exit 4),
-  naming the holder. Otherwise create the next generation; losing that race -> :class:`LeaseHeld`.
+  naming the holder, unless that holder is provably dead on this machine (:func:`holder_gone`).
+  Otherwise create the next generation; losing that race -> :class:`LeaseHeld`.
 * **renew** (a heartbeat thread, every ttl/4): first check that no newer generation exists and
   ours still carries our token, then rewrite ours with a new expiry. A newer generation means we
   were presumed dead and someone took over; a renewal that cannot reach the store before our own
@@ -162,9 +163,9 @@ def create_exclusive(store: Store, rel: str, data: bytes) -> None:
     if not store.is_local:
         store.fs.pipe_file(store.path(rel), data, mode="create")  # PutObject If-None-Match: *
         return
-    final = store.path(rel).removeprefix("file://")
+    final = store.path(rel)
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = f"{os.path.dirname(final)}/.tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(final)}"
+    tmp = store._tmp_for(rel)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -188,9 +189,11 @@ def _held_message(run: Store, rec: dict, t: float) -> str:
 def of_manifest(run: Store, manifest: dict) -> "Lease":
     """The lease for a command that writes into a finished run (``saeray report``, ``diff --save``),
     with the settings the run was started with."""
-    st = (manifest.get("spec") or {}).get("store") or {}
-    return Lease(run, manifest.get("run") or run.url.rsplit("/", 1)[-1], float(st.get("lease_seconds") or 300.0),
-                 take_dead=st.get("lease_takeover", True))
+    from ..spec import StoreSpec
+
+    st = StoreSpec.model_validate({"url": run.url, **((manifest.get("spec") or {}).get("store") or {})})
+    return Lease(run, manifest.get("run") or run.url.rsplit("/", 1)[-1], st.lease_seconds,
+                 take_dead=st.lease_takeover)
 
 
 @dataclass
