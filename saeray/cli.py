@@ -448,7 +448,7 @@ def train(
     arch: str = typer.Option(..., "--arch", help="relu, topk, batchtopk, gated, jumprelu or gba"),
     width: int = typer.Option(..., "--width", help="number of latents"),
     out: str = typer.Option(..., "--out", help="output folder URL (SAELens layout; a checkpoint there is resumed)"),
-    k: Optional[int] = typer.Option(None, "--k", help="active latents per token (topk, batchtopk)"),
+    k: Optional[float] = typer.Option(None, "--k", help="active latents per token (topk: an integer; batchtopk: the mean, may be fractional)"),
     l1: Optional[float] = typer.Option(None, "--l1", help="sparsity coefficient (relu, gated: L1; jumprelu: L0)"),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="training tokens (default: one pass over the data)"),
     batch_size: int = typer.Option(1024, "--batch-size"),
@@ -465,6 +465,8 @@ def train(
         raise InputError(f"--tokens {tokens} must be positive")
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size} must be positive")
+    if k is not None and k == int(k):
+        k = int(k)   # a whole k is recorded as an integer, as the spec records it
     res = train_on_activations(activations, arch, width, out, k=k, l1=l1, tokens=tokens, batch_size=batch_size,
                                lr=lr, seed=seed, device=device, checkpoint_every=checkpoint_every)
     m = res["metrics"]

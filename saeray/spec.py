@@ -123,7 +123,9 @@ class HarvestSpec(_Strict):
 class SAEVariant(_Strict):
     arch: Literal["relu", "topk", "batchtopk", "gated", "jumprelu", "gba"]
     width: int = Field(ge=1)
-    k: Optional[int] = Field(None, ge=1, description="active latents (topk, batchtopk)")
+    # int first: an integer k stays an int in the manifest (and the spec hash), a fractional one is BatchTopK's
+    k: Optional[Union[int, float]] = Field(None, gt=0, description="active latents per token (topk: an integer; "
+                                           "batchtopk: the mean per token, may be fractional)")
     l1: Optional[float] = Field(None, gt=0, description="sparsity coefficient (relu, gated, jumprelu)")
 
     @model_validator(mode="after")
@@ -138,6 +140,9 @@ class SAEVariant(_Strict):
             raise ValueError(f"arch '{self.arch}' needs l1 (its sparsity coefficient), e.g. l1: 5.0")
         if self.arch not in NEEDS_L1 and self.l1 is not None:
             raise ValueError(f"arch '{self.arch}' takes no l1; l1 is for {', '.join(sorted(NEEDS_L1))}")
+        if self.arch == "topk" and self.k is not None and self.k != int(self.k):
+            raise ValueError(f"k={self.k:g}: topk keeps a whole number of latents per token; use an integer "
+                             "(batchtopk takes a fractional k)")
         if self.k is not None and self.k > self.width:
             raise ValueError(f"k={self.k} is larger than width={self.width}")
         return self

@@ -214,7 +214,7 @@ CASES = [
                                                      *TRAIN], 2, r"z\.parquet: activations of width 7"),
     ("train_k_above_width", "train", lambda w: ["--activations", w["acts"], "--out", str(w["root"] / "o6"),
                                                 "--arch", "topk", "--width", "4", "--k", "9"], 2,
-     r"k=9 must be between 1 and the width 4"),
+     r"k=9 must be above 0 and at most the width 4"),
     ("train_arch_unknown", "train", lambda w: ["--activations", w["acts"], "--out", str(w["root"] / "o7"),
                                                "--arch", "nope", "--width", "64"], 2,
      r"unknown SAE architecture 'nope'"),

@@ -57,6 +57,8 @@ def test_one_setting_scores_every_architecture_with_its_defaults():
     by = {row["arch"]: row for row in r["rows"]}
     assert set(by) == {"reference", "topk", "batchtopk", "gba", "relu", "gated", "jumprelu"}
     assert by["topk"]["k"] == topk_k(r["setting"]["true_l0"]) and by["gba"]["k"] is None
+    # BatchTopK's budget is per batch: its k is the data's mean L0 itself, not TopK's ceil(1.5 L0)
+    assert by["batchtopk"]["k"] == round(r["setting"]["true_l0"], 2) != by["topk"]["k"]
     # each architecture's default learning rate
     w = r["setting"]["width"]
     assert by["gba"]["lr"] == 2e-2 and by["topk"]["lr"] == by["relu"]["lr"] == width_scaled_lr(w) > 1e-3

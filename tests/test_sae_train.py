@@ -55,6 +55,39 @@ def test_every_arch_trains_and_reduces_fvu(trained):
     assert 2.0 < evaluate(res["batchtopk-w64-k4"][0], x_eval)["l0"] < 8.0
 
 
+def test_batchtopk_takes_a_fractional_k_as_its_mean_per_token():
+    from saeray.errors import InputError
+    from saeray.sae.registry import build
+
+    sae = build("batchtopk", 16, 64, k=1.5)
+    sae.train()
+    x = torch.as_tensor(PF.sample(1000, np.random.default_rng(0))[0])
+    out = sae(x)
+    # round(1.5 · 1000) entries kept in the batch, unevenly over tokens
+    assert int((out.latents > 0).sum()) == 1500
+    per_token = (out.latents > 0).sum(1)
+    assert per_token.max() > per_token.min()
+    assert sae.hparams()["k"] == 1.5 and ARCHS["batchtopk"](16, 64, **sae.hparams()).k == 1.5
+    # TopK keeps a whole number per token: a fractional k is refused with the reason
+    with pytest.raises(InputError, match="whole number"):
+        build("topk", 16, 64, k=1.5)
+    with pytest.raises(InputError, match="at most the width"):
+        build("batchtopk", 16, 64, k=64.5)
+
+
+def test_spec_keeps_an_integer_k_and_allows_a_fractional_one_for_batchtopk():
+    from pydantic import ValidationError
+
+    from saeray.spec import SAEVariant
+
+    assert type(SAEVariant(arch="topk", width=64, k=32).k) is int    # the manifest and spec hash unchanged
+    assert SAEVariant(arch="batchtopk", width=64, k=2.5).k == 2.5
+    with pytest.raises(ValidationError, match="whole number"):
+        SAEVariant(arch="topk", width=64, k=2.5)
+    with pytest.raises(ValidationError):
+        SAEVariant(arch="batchtopk", width=64, k=0)
+
+
 def test_gba_tracks_group_frequencies_without_l1(trained):
     res, _, x_eval = trained
     sae = res["gba-w64"][0]

@@ -7,8 +7,10 @@ learning rate and controller were adjusted until it passed, and a new user's dat
 schedule, GBA's controller — resolved by the same :class:`saeray.sae.train.MultiTrainer`; the only
 per-setting inputs are the knobs a user must set anyway, each chosen by a stated rule:
 
-* TopK / BatchTopK / the reference loop: ``k = ceil(1.5 × true L0)`` (a user sets k a little above
-  the number of features a token carries; on real data, GBA's own L0 is a knob-free estimate);
+* TopK and the reference loop: ``k = ceil(1.5 × true L0)`` (a user sets k a little above the number
+  of features a token carries, since tokens above k lose features); BatchTopK: ``k = true L0`` (its
+  budget is per batch, so the mean is enough and any excess is spent on split latents:
+  :mod:`saeray.sae.batchtopk`). On real data, GBA's own L0 is a knob-free estimate;
 * ReLU-L1, Gated, JumpReLU: two coefficients each, fixed across the family (inputs are scaled to
   E‖x‖² = 1, so a coefficient means the same everywhere); the table shows the one whose L0 is
   closest to the TopK k ("matched L0"), both are in the JSON;
@@ -78,6 +80,10 @@ def topk_k(true_l0: float) -> int:
     return max(1, math.ceil(1.5 * true_l0))
 
 
+def batchtopk_k(true_l0: float) -> float:
+    return round(true_l0, 2)
+
+
 def mcc(h: np.ndarray, z: np.ndarray) -> float:
     """Mean over true features of the best |Pearson correlation| with any latent."""
     hc = h - h.mean(0)
@@ -111,8 +117,8 @@ def run_setting(s: Setting, tokens: int, batch_size: int = 1024, seeds: int = 2)
     pf = PlantedFeatures(d=s.d, n=s.n, f_min=s.f_min, f_max=s.f_max, magnitude=s.magnitude,
                          corr_frac=s.corr_frac, noise=s.noise, seed=s.seed)
     width, k = s.width_mult * s.n, topk_k(pf.expected_l0())
-    variants = [Variant(a, width, k=k if a != "gba" else None, seed=sd, name=f"{a}-s{sd}")
-                for a in MAIN for sd in range(seeds)]
+    ks = {"topk": k, "batchtopk": batchtopk_k(pf.expected_l0()), "gba": None}
+    variants = [Variant(a, width, k=ks[a], seed=sd, name=f"{a}-s{sd}") for a in MAIN for sd in range(seeds)]
     variants += [Variant(a, width, l1=l1, seed=0, name=f"{a}-l1{l1:g}") for a, l1s in L1S.items() for l1 in l1s]
     t0 = time.perf_counter()
     cfg = TrainConfig.for_run(tokens, batch_size, checkpoint_every=0, log_every=1000)
@@ -136,7 +142,7 @@ def run_setting(s: Setting, tokens: int, batch_size: int = 1024, seeds: int = 2)
     rows = []
     for arch in ("reference",) + MAIN:
         rs = [runs[f"{arch}-s{sd}"] for sd in range(seeds)]
-        row = {"arch": arch, "k": k if arch != "gba" else None,
+        row = {"arch": arch, "k": ks.get(arch, k),
                **{key: float(np.mean([r[key] for r in rs])) for key in ("frr90", "frr80", "mean_best_cos", "mcc", "l0", "dead_frac")},
                "frr90_min": float(min(r["frr90"] for r in rs)), "lr": rs[0].get("lr")}
         if arch == "gba" and seeds >= 2:

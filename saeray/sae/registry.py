@@ -15,7 +15,7 @@ NEEDS_K = {"topk", "batchtopk"}
 NEEDS_L1 = {"relu", "gated", "jumprelu"}   # jumprelu: the coefficient of its L0 penalty
 
 
-def build(arch: str, d_in: int, width: int, k: int | None = None, l1: float | None = None, **kw) -> SAE:
+def build(arch: str, d_in: int, width: int, k: float | None = None, l1: float | None = None, **kw) -> SAE:
     if arch not in ARCHS:
         raise InputError(f"unknown SAE architecture '{arch}'; valid: {', '.join(ARCHS)}")
     if d_in < 1 or width < 1:
@@ -23,9 +23,12 @@ def build(arch: str, d_in: int, width: int, k: int | None = None, l1: float | No
     if arch in NEEDS_K:
         if k is None:
             raise InputError(f"architecture '{arch}' needs k (--k), the number of active latents per token")
+        if arch == "topk" and (k != int(k) or k < 1):
+            raise InputError(f"k={k:g}: TopK keeps a whole number of latents per token; use an integer >= 1 "
+                             "(BatchTopK takes a fractional k, its mean per token)")
         if not 0 < k <= width:
-            raise InputError(f"k={k} must be between 1 and the width {width}")
-        kw["k"] = int(k)
+            raise InputError(f"k={k:g} must be above 0 and at most the width {width}")
+        kw["k"] = int(k) if arch == "topk" else float(k)
     elif k is not None:
         raise InputError(f"architecture '{arch}' takes no k; k is for {', '.join(sorted(NEEDS_K))}")
     if arch in NEEDS_L1:

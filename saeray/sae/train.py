@@ -123,7 +123,7 @@ class Variant:
 
     def __post_init__(self) -> None:
         if self.name is None:
-            knob = f"-k{self.k}" if self.k is not None else (f"-l1{self.l1:g}" if self.l1 is not None else "")
+            knob = f"-k{self.k:g}" if self.k is not None else (f"-l1{self.l1:g}" if self.l1 is not None else "")
             self.name = f"{self.arch}-w{self.width}{knob}" + (f"-s{self.seed}" if self.seed is not None else "")
 
 
