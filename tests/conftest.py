@@ -25,6 +25,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow end-to-end tests (``@pytest.mark.slow``: Ray jobs, kills and resumes, outages, the
+    browser) run in CI (``CI=true``, what ``.ci/run`` gets) or with ``SAERAY_SLOW=1``; a plain local
+    ``pytest`` skips them, so the everyday suite fits in about a quarter of an hour on a 2-core
+    machine instead of three quarters. An explicit ``-m`` expression decides for itself."""
+    if _truthy("CI") or _truthy("SAERAY_SLOW") or config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow end-to-end test: runs in CI (CI=true) or with SAERAY_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint():
     """`moto_server -H 127.0.0.1 -p PORT` as a subprocess, AWS_* exported; stopped by PID at the end."""

@@ -19,7 +19,8 @@ One data stream, SAELens's own synthetic suite on both sides:
   saelens_env), one ``fit`` per architecture so that each tokens/s is one SAE's. Saved with
   ``saeray.sae.io.save`` and loaded back with SAELens's ``SAE.load_from_disk``; on 4,096 rows the
   loaded SAE's latents and reconstruction are compared with saeray's module (``roundtrip``).
-* k (both TopKs, BatchTopK) defaults to the data's expected L0 rounded, width to num_features.
+* k defaults to the data's expected L0: rounded for both TopKs, as is for BatchTopK (its k is a
+  mean per token, docs/training.md); width to num_features.
 * scoring: SAELens's ``eval_sae_on_synthetic_data`` on every SAE (SAELens's too, after its own
   ``save_inference_model`` / ``SAE.load_from_disk`` round trip), on the same held-out sample (the
   generator is reseeded before each call).
@@ -191,7 +192,8 @@ def run(a: argparse.Namespace) -> dict:
             yield xn[i:i + bs]
 
     for arch in archs:
-        kv = k if arch in ("topk", "batchtopk") else None
+        # BatchTopK's k is the mean per token, the data's L0 itself (docs/training.md)
+        kv = {"topk": k, "batchtopk": a.k or round(true_l0, 2)}.get(arch)
         l1 = L1.get(arch)
         cfg = TrainConfig.for_run(tokens, bs)
         print(f"train: saeray {arch}, {tokens:,} rows", flush=True)

@@ -30,6 +30,16 @@ Defaults and where each comes from (docs/benchmarks.md, "Recovery across a famil
   a neuron locks onto a feature only when its target is near the feature's frequency; the paper's
   wrong-range run recovers 38 %). On the family, 1e-4 recovered as much or more at a lower L0.
   The supported feature-frequency range is therefore [1e-4, 1e-1].
+* Inside the range is not enough when the data's frequencies stop far below HTF. Algorithm 1 only
+  lowers a bias while its neuron fires above target, so a neuron settles at about its group's
+  target whatever the data: groups whose targets exceed every feature's frequency fire densely on
+  mixtures, and those dense, tied neurons reconstruct so much of every token that the selective
+  groups do not lock on either. Measured on the family's d32-8x-rare (frequencies 1e-4..1e-2,
+  3M tokens, one seed): FRR@0.9 0.09 at HTF 0.1 (L0 5.6 against a true 0.55), 0.85 at HTF 0.01
+  (L0 1.2). The same change did not help where the frequencies reach 0.02-0.03 (d32-8x at HTF 0.03:
+  0.72 vs 0.74; d96-rare-heavy at HTF 0.02: 0.69 vs 0.71), so HTF stays 0.1; a user whose features
+  are all rarer than about 1 % should lower ``htf`` to the densest frequency expected
+  (docs/training.md).
 * ε = 1e-6 ("never fired in the window": a third-party re-implementation's value).
 * The controller's window and step are the paper's (25,600 tokens = 50 steps × batch 512; γ = 0.01)
   *when the run is long enough for them*: the paper's runs see about 4,000 windows, so each bias can
