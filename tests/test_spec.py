@@ -56,7 +56,7 @@ BROKEN = {
                    ["sae.architectures[0].width", "integer", "spec.yaml:7"]),
     "negative_size": (GOOD.replace("width: 64, l1: 1.0", "width: -3, l1: 1.0"),
                       ["sae.architectures[1].width", "greater than or equal to 1"]),
-    "k_zero": (GOOD.replace("k: 4", "k: 0"), ["sae.architectures[0].k", ">= 1".replace(">= ", "greater than or equal to ")]),
+    "k_zero": (GOOD.replace("k: 4", "k: 0"), ["sae.architectures[0].k", "must be greater than 0"]),
     "missing_model": (GOOD.replace("model:\n  name: storyworld-2l\n", ""), ["model: required field is missing"]),
     "empty_model_name": (GOOD.replace("name: storyworld-2l", "name: ''"), ["model.name", "must name a model"]),
     "bad_hookpoint": (GOOD.replace('"mlp_post.*"', '"blocks.3.hook_resid_post"'),
