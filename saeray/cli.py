@@ -627,7 +627,7 @@ def bench_saelens(
     features: int = typer.Option(256, "--features", min=1, help="ground-truth features of the synthetic model"),
     dim: int = typer.Option(64, "--dim", min=1, help="hidden dimension of the synthetic model"),
     width: Optional[int] = typer.Option(None, "--width", min=1, help="SAE latents (default: --features)"),
-    k: Optional[int] = typer.Option(None, "--k", min=1, help="TopK/BatchTopK k, both sides (default: the data's true L0, rounded)"),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="TopK/BatchTopK k, both sides (default: the data's true L0, rounded for TopK, as is for BatchTopK)"),
     batch_size: int = typer.Option(1024, "--batch-size", min=1),
     archs: str = typer.Option("topk,batchtopk,gba,relu,gated,jumprelu", "--archs", help="saeray architectures, comma list"),
     l1: str = typer.Option("", "--l1", help="saeray sparsity coefficients, e.g. relu=0.3,gated=0.3,jumprelu=0.01 "
