@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
     """Slow end-to-end tests (``@pytest.mark.slow``: Ray jobs, kills and resumes, outages, the
     browser) run in CI (``CI=true``, what ``.ci/run`` gets) or with ``SAERAY_SLOW=1``; a plain local
     ``pytest`` skips them, so the everyday suite takes about 5 minutes on a 2-core machine instead
-    of about 50. An explicit ``-m`` expression decides for itself."""
+    of about 35. An explicit ``-m`` expression decides for itself."""
     if _truthy("CI") or _truthy("SAERAY_SLOW") or config.getoption("markexpr"):
         return
     skip = pytest.mark.skip(reason="slow end-to-end test: runs in CI (CI=true) or with SAERAY_SLOW=1")
