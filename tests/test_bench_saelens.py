@@ -139,14 +139,14 @@ def test_replay_hands_out_the_stream_in_order():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not se.is_ready(se.default_venv(), se.requirements(se.torch_version())),
-                    reason="the bench venv does not exist; `saeray bench saelens` creates it")
 def test_bench_saelens_end_to_end(tmp_path):
+    """The whole command, SAELens included. Where the bench venv does not exist yet (a clean CI
+    clone) the command installs it first, as a user's first call does: a few minutes."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "saeray", "--log-level", "WARNING", "bench", "saelens", "--out", str(out),
            "--tokens", "8192", "--features", "32", "--dim", "16", "--eval-samples", "2000",
            "--archs", "topk,gba,gated", "--json"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     res = json.loads(lines[-1])
@@ -168,8 +168,8 @@ def test_bench_saelens_end_to_end(tmp_path):
         if name.startswith("saeray"):   # SAELens computes with saeray's file what saeray computes with the module
             assert x["roundtrip"]["recon_max_abs_diff"] < 1e-4 and x["roundtrip"]["active_mismatch_frac"] < 1e-3
             assert x["fit_tokens_per_s"] >= x["tokens_per_s"]      # fit's own figure leaves out its init
-        else:   # saeray's reader refuses SAELens's default TopK (decoder-norm rescaling), and says why
-            assert "rescale_acts_by_decoder_norm" in x["saeray_load"]
+        else:   # saeray's reader takes SAELens's own TopK file (decoder-norm rescaling folded in)
+            assert x["saeray_load"] == "ok"
     assert rows["saeray-topk"]["sae_l0"] == pytest.approx(t["k"], abs=0.01)
     assert rows["saelens-topk"]["sae_l0"] == pytest.approx(t["k"], abs=0.01)
     # all were scored on the same held-out rows: the ground truth's L0 is identical across SAEs
