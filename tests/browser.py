@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import env_flag
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = 1280
@@ -18,7 +19,7 @@ WIDTH = 1280
 def chromium() -> str:
     exe = os.environ.get("SAERAY_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not exe:
-        if os.environ.get("CI"):
+        if env_flag("CI"):   # the same reading of CI as the slow-test switch
             pytest.fail("chromium is not installed; infra/bootstrap.sh installs it with apt-get when run as root")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     return exe

@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _truthy(name: str) -> bool:
+def env_flag(name: str) -> bool:
+    """An on/off environment variable: unset, empty, 0, false and no are off (so CI=false is off)."""
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
@@ -34,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
     browser) run in CI (``CI=true``, what ``.ci/run`` gets) or with ``SAERAY_SLOW=1``; a plain local
     ``pytest`` skips them, so the everyday suite takes about 5 minutes on a 2-core machine instead
     of about 35. An explicit ``-m`` expression decides for itself."""
-    if _truthy("CI") or _truthy("SAERAY_SLOW") or config.getoption("markexpr"):
+    if env_flag("CI") or env_flag("SAERAY_SLOW") or config.getoption("markexpr"):
         return
     skip = pytest.mark.skip(reason="slow end-to-end test: runs in CI (CI=true) or with SAERAY_SLOW=1")
     for item in items:

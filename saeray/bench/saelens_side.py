@@ -110,6 +110,7 @@ def run(a: argparse.Namespace) -> dict:
 
     from ..sae import io as sio
     from ..sae.train import TrainConfig, Variant, fit
+    from .recovery_family import batchtopk_k
 
     torch.set_num_threads(a.threads)
     out = os.path.abspath(a.out)
@@ -193,7 +194,7 @@ def run(a: argparse.Namespace) -> dict:
 
     for arch in archs:
         # BatchTopK's k is the mean per token, the data's L0 itself (docs/training.md)
-        kv = {"topk": k, "batchtopk": a.k or round(true_l0, 2)}.get(arch)
+        kv = {"topk": k, "batchtopk": a.k or batchtopk_k(true_l0)}.get(arch)
         l1 = L1.get(arch)
         cfg = TrainConfig.for_run(tokens, bs)
         print(f"train: saeray {arch}, {tokens:,} rows", flush=True)
