@@ -10,6 +10,9 @@ slots to the tokens that need them. Every slot in the budget is filled, so a k a
 is spent on split and duplicated latents rather than left empty. On the planted family (1M tokens,
 d = 32, true L0 1.41) recovery at cosine 0.9 was 0.95 at k = 1.41, 0.70 at 1.2 × that, 0.39 at
 k = 3 (TopK's rule, ⌈1.5 L0⌉) and 0.20 at k = 6; docs/training.md says how to estimate the L0.
+Pooling across tokens has a cost of its own under heavy superposition: on the family's d = 32,
+8× setting the same code with the top-k over groups of G tokens recovered 0.85 at G = 1 (TopK),
+0.72 at G = 2, 0.46 at G = 4 and 0.19 at G = 1024 (docs/benchmarks.md, "Why BatchTopK still misses").
 Inference: one global threshold θ replaces the batch dependence, ``f = pre · 1[pre > θ]`` (a
 JumpReLU with a shared θ); θ is an exponential moving average (rate 0.01, SAELens's choice; the
 first batch sets it) of the smallest kept activation per training batch. Saved as a SAELens
