@@ -450,6 +450,8 @@ def train(
     out: str = typer.Option(..., "--out", help="output folder URL (SAELens layout; a checkpoint there is resumed)"),
     k: Optional[float] = typer.Option(None, "--k", help="active latents per token (topk: an integer; batchtopk: the mean, may be fractional)"),
     l1: Optional[float] = typer.Option(None, "--l1", help="sparsity coefficient (relu, gated: L1; jumprelu: L0)"),
+    htf: Optional[float] = typer.Option(None, "--htf", help="gba: highest target frequency (default 0.1; docs/training.md)"),
+    ltf: Optional[float] = typer.Option(None, "--ltf", help="gba: lowest target frequency (default 1e-4)"),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="training tokens (default: one pass over the data)"),
     batch_size: int = typer.Option(1024, "--batch-size"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default: the architecture's own, docs/training.md)"),
@@ -467,8 +469,9 @@ def train(
         raise InputError(f"--batch-size {batch_size} must be positive")
     if k is not None and k == int(k):
         k = int(k)   # a whole k is recorded as an integer, as the spec records it
+    opts = {n: v for n, v in (("htf", htf), ("ltf", ltf)) if v is not None}
     res = train_on_activations(activations, arch, width, out, k=k, l1=l1, tokens=tokens, batch_size=batch_size,
-                               lr=lr, seed=seed, device=device, checkpoint_every=checkpoint_every)
+                               lr=lr, seed=seed, device=device, checkpoint_every=checkpoint_every, opts=opts)
     m = res["metrics"]
     if json_out:
         print_json(res)

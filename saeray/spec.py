@@ -18,7 +18,8 @@ import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from .errors import InputError
 from .models import hookpoints
@@ -127,10 +128,34 @@ class SAEVariant(_Strict):
     k: Optional[Union[int, float]] = Field(None, gt=0, description="active latents per token (topk: an integer; "
                                            "batchtopk: the mean per token, may be fractional)")
     l1: Optional[float] = Field(None, gt=0, description="sparsity coefficient (relu, gated, jumprelu)")
+    htf: Optional[float] = Field(None, gt=0, le=1, description="gba: highest target frequency, default 0.1; lower it "
+                                 "to the densest feature frequency you expect when every feature is rarer than ~1 % "
+                                 "(docs/training.md)")
+    ltf: Optional[float] = Field(None, gt=0, lt=1, description="gba: lowest target frequency, default 1e-4")
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_range(self, handler):
+        # a variant without a GBA range dumps exactly as before the fields existed, so the spec hash
+        # (and every stage key) of existing runs is unchanged and they resume
+        d = handler(self)
+        for f in ("htf", "ltf"):
+            if d.get(f) is None:
+                d.pop(f, None)
+        return d
+
+    def opts(self) -> dict:
+        """Architecture options beyond k and l1 (``Variant.opts``)."""
+        return {f: getattr(self, f) for f in ("htf", "ltf") if getattr(self, f) is not None}
 
     @model_validator(mode="after")
     def _needs(self) -> "SAEVariant":
-        from .sae.registry import NEEDS_K, NEEDS_L1
+        from .errors import InputError
+        from .sae.registry import NEEDS_K, NEEDS_L1, check_gba_range
+
+        try:
+            check_gba_range(self.arch, self.htf, self.ltf)
+        except InputError as e:
+            raise ValueError(str(e)) from None
 
         if self.arch in NEEDS_K and self.k is None:
             raise ValueError(f"arch '{self.arch}' needs k (active latents per token), e.g. k: 32")

@@ -35,12 +35,19 @@ def make_spec(model: str, store: str, name: str = "aud", **over):
 
 
 def test_audit_end_to_end_and_rerun_skips(ray_local, tiny_model, tmp_path):
-    spec = make_spec(tiny_model, str(tmp_path / "store"), probes=True, dashboards=True)
+    # a GBA with its target range moved in the spec (docs/training.md) runs through every stage
+    archs = [{"arch": "topk", "width": 64, "k": 4}, {"arch": "relu", "width": 64, "l1": 1.0},
+             {"arch": "gba", "width": 64, "htf": 0.05}]
+    spec = make_spec(tiny_model, str(tmp_path / "store"), probes=True, dashboards=True, architectures=archs)
     summary = run_audit(spec)
     root = tmp_path / "store" / "aud"
     run = root / "targets" / "neox@main"
     on_disk = json.loads((root / "report" / "summary.json").read_text())
-    assert len(on_disk["saes"]) == 4
+    assert len(on_disk["saes"]) == 6
+    gba = [r for r in on_disk["saes"] if r["arch"] == "gba"]
+    assert {r["name"] for r in gba} == {"gba-w64-htf0.05"} and all(r["opts"] == "htf 0.05" for r in gba)
+    saved = json.loads((run / "saes" / "resid_post.1" / "gba-w64-htf0.05" / "saeray.json").read_text())
+    assert saved["hparams"]["htf"] == 0.05 and saved["hparams"]["ltf"] == 1e-4
     for row in on_disk["saes"]:
         for k in ("model", "revision", "hookpoint", "arch", "width", "l0", "fvu", "ce_loss_recovered", "kl", "dead_frac",
                   "concepts_f1_0.8", "path"):
@@ -56,6 +63,7 @@ def test_audit_end_to_end_and_rerun_skips(ray_local, tiny_model, tmp_path):
                                                           "dashboards"}
     html = (root / "report" / "index.html").read_text()
     assert "resid_post.3" in html and "data:image/png;base64," in html
+    assert "<th" in html and ">options<" in html and ">htf 0.05<" in html
     assert (root / "report" / "l0_vs_fvu.png").stat().st_size > 1000
     assert summary["report"].endswith("report/index.html")
     # the saved SAEs load back and match the evaluation's FVU order of magnitude

@@ -13,7 +13,7 @@ import torch
 from saeray.bench.s3local import free_port
 from saeray.sae.train import MultiTrainer, TrainConfig, Variant
 
-VARIANTS = [Variant("relu", 48, l1=0.5), Variant("topk", 48, k=4), Variant("gba", 48, opts={"every": 3})]
+VARIANTS = [Variant("relu", 48, l1=0.5), Variant("topk", 48, k=4), Variant("gba", 48, opts={"every": 3}, name="gba-w48")]
 STEPS, B, D = 12, 64, 16
 
 

@@ -25,7 +25,7 @@ B = 256
 
 def variants(width: int = 64) -> list[Variant]:
     return [Variant("relu", width, l1=0.3), Variant("topk", width, k=4), Variant("batchtopk", width, k=4),
-            Variant("gated", width, l1=0.3), Variant("jumprelu", width, l1=0.03), Variant("gba", width, opts={"every": 10, "gamma_up": 0.05, "gamma_down": 0.05, "ltf": 1e-3})]  # a 2,560-token window resolves targets down to ~1e-3
+            Variant("gated", width, l1=0.3), Variant("jumprelu", width, l1=0.03), Variant("gba", width, opts={"every": 10, "gamma_up": 0.05, "gamma_down": 0.05, "ltf": 1e-3}, name=f"gba-w{width}")]  # a 2,560-token window resolves targets down to ~1e-3
 
 
 @pytest.fixture(scope="module")
@@ -227,23 +227,27 @@ def test_train_cli_and_audit_unit_give_the_same_sae(tmp_path):
     from saeray.train.unit import UnitConfig, train_unit
 
     run, hp = _harvested_run(tmp_path)
-    archs = [("gba", None, None), ("topk", 4, None), ("jumprelu", None, 0.03)]
+    # a GBA with its range moved (sae.architectures[].htf / --htf) takes the same path
+    archs = [("gba", None, None, {}), ("topk", 4, None, {}), ("jumprelu", None, 0.03, {}), ("gba", None, None, {"htf": 0.01})]
     unit = train_unit(UnitConfig(run_url=run.url, store_options={}, hookpoint=hp, tokens=6000, batch_size=256,
-                                 variants=[{"arch": a, "width": 32, "k": k, "l1": l1} for a, k, l1 in archs]))
-    for a, k, l1 in archs:
-        cli = train_on_activations(run.url_of(f"acts/{hp}"), a, 32, str(tmp_path / f"cli-{a}"), k=k, l1=l1,
-                                   tokens=6000, batch_size=256, device="cpu")
-        name = Variant(a, 32, k=k, l1=l1).name
-        w_cli = load_file(str(tmp_path / f"cli-{a}" / "sae_weights.safetensors"))
+                                 variants=[{"arch": a, "width": 32, "k": k, "l1": l1, "opts": o} for a, k, l1, o in archs]))
+    for a, k, l1, o in archs:
+        name = Variant(a, 32, k=k, l1=l1, opts=o).name
+        cli = train_on_activations(run.url_of(f"acts/{hp}"), a, 32, str(tmp_path / f"cli-{name}"), k=k, l1=l1,
+                                   tokens=6000, batch_size=256, device="cpu", opts=o)
+        w_cli = load_file(str(tmp_path / f"cli-{name}" / "sae_weights.safetensors"))
         w_unit = load_file(run.path(f"saes/{hp}/{name}/sae_weights.safetensors"))
         assert set(w_cli) == set(w_unit)
         for t in w_cli:
-            assert torch.equal(w_cli[t], w_unit[t]), (a, t)
-        cfg_cli = json.loads((tmp_path / f"cli-{a}" / "saeray.json").read_text())
+            assert torch.equal(w_cli[t], w_unit[t]), (name, t)
+        cfg_cli = json.loads((tmp_path / f"cli-{name}" / "saeray.json").read_text())
         cfg_unit = json.loads(open(run.path(f"saes/{hp}/{name}/saeray.json")).read())
-        assert cfg_cli["hparams"] == cfg_unit["hparams"], a
+        assert cfg_cli["hparams"] == cfg_unit["hparams"], name
         assert cli["tokens"] == unit[name]["tokens"] == 6000
-    gba = json.loads((tmp_path / "cli-gba" / "saeray.json").read_text())
+    assert set(unit) == {"gba-w32", "topk-w32-k4", "jumprelu-w32-l10.03", "gba-w32-htf0.01"}
+    moved = json.loads((tmp_path / "cli-gba-w32-htf0.01" / "saeray.json").read_text())["hparams"]
+    assert moved["htf"] == 0.01 and moved["ltf"] == 1e-4
+    gba = json.loads((tmp_path / "cli-gba-w32" / "saeray.json").read_text())
     # 24 steps: the controller is sized to the run (window of one batch), not the paper's 50 steps
     assert gba["hparams"]["every"] == 1 and gba["training"]["last_batch"]["lr"] == 2e-2
 

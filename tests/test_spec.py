@@ -71,6 +71,12 @@ BROKEN = {
     "topk_with_l1": (GOOD.replace("width: 64, k: 4", "width: 64, k: 4, l1: 2.0"), ["sae.architectures[0]", "takes no l1"]),
     "unknown_arch": (GOOD.replace("arch: relu", "arch: relu6"), ["sae.architectures[1].arch", "'relu'", "'gba'"]),
     "not_a_mapping": ("- just\n- a list\n", ["must be a YAML mapping"]),
+    "htf_on_topk": (GOOD.replace("width: 64, k: 4", "width: 64, k: 4, htf: 0.01"),
+                    ["sae.architectures[0]", "'topk' takes no htf", "GBA's target-frequency range"]),
+    "gba_range_upside_down": (GOOD.replace("{arch: relu, width: 64, l1: 1.0}", "{arch: gba, width: 64, ltf: 0.2}"),
+                              ["sae.architectures[1]", "0 < ltf < htf <= 1", "htf=0.1, ltf=0.2"]),
+    "gba_htf_zero": (GOOD.replace("{arch: relu, width: 64, l1: 1.0}", "{arch: gba, width: 64, htf: 0}"),
+                     ["sae.architectures[1].htf", "must be greater than 0"]),
 }
 
 
@@ -137,3 +143,21 @@ def test_models_list_and_revision_keywords():
     with pytest.raises(InputError, match=r"model\[1\]\.revisions: revision '../x' is not a checkpoint name"):
         parse_spec(GOOD.replace("model:\n  name: storyworld-2l\n",
                                 "model:\n  - {name: storyworld-2l}\n  - {name: storyworld-4l, revisions: [../x]}\n"))
+
+
+def test_gba_range_in_the_spec_and_old_hashes_kept():
+    """A GBA variant may move its target range (docs/training.md); a variant that does not dumps
+    exactly the keys it had before htf/ltf existed, so existing runs keep their spec hash and resume."""
+    from saeray.spec import SAEVariant
+    from saeray.train.unit import variant_name, variants_from_spec
+
+    assert SAEVariant(arch="gba", width=8).model_dump(mode="json") == {"arch": "gba", "width": 8, "k": None, "l1": None}
+    s = parse_spec(GOOD.replace("{arch: relu, width: 64, l1: 1.0}",
+                                "{arch: gba, width: 64}\n    - {arch: gba, width: 64, htf: 0.01}"))
+    vs = variants_from_spec(s.sae)
+    assert [variant_name(v) for v in vs] == ["topk-w64-k4", "gba-w64", "gba-w64-htf0.01"]
+    assert vs[2]["opts"] == {"htf": 0.01} and "opts" not in vs[1]
+    # the same range twice is one folder twice: refused
+    with pytest.raises(InputError, match="appear twice"):
+        variants_from_spec(parse_spec(GOOD.replace("{arch: relu, width: 64, l1: 1.0}",
+                                                   "{arch: gba, width: 64, htf: 0.01}\n    - {arch: gba, width: 64, htf: 0.01}")).sae)

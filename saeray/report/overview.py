@@ -9,7 +9,7 @@ from ..evaluate.concepts import F1_FOUND
 from .markup import Html, fmt, img, link, table
 
 COLUMNS = (("target", "target"), ("hookpoint", "hook point"), ("arch", "arch"), ("width", "width"), ("k", "k"),
-           ("l1", "l1"), ("l0", "L0"), ("fvu", "FVU"), ("ce_loss_recovered", "CE recovered"), ("kl", "KL"),
+           ("l1", "l1"), ("opts", "options"), ("l0", "L0"), ("fvu", "FVU"), ("ce_loss_recovered", "CE recovered"), ("kl", "KL"),
            ("dead_frac", "dead"), (f"concepts_f1_{F1_FOUND}", f"concepts F1≥{F1_FOUND}"),
            ("mean_best_f1", "mean best F1"))
 

@@ -25,6 +25,8 @@ def sae_rows(manifest_data: dict, store_url: str) -> list[dict]:
                 e = ev.get(hp, {}).get(name, {})
                 row = {"target": tid, "model": t["model"], "revision": t["revision"], "hookpoint": hp, "name": name,
                        "arch": tr["arch"], "width": tr["width"], "k": tr.get("k"), "l1": tr.get("l1"),
+                       # what sets apart two variants of one arch, width and knob (GBA's htf/ltf)
+                       "opts": ", ".join(f"{o} {v:g}" for o, v in sorted(tr["opts"].items())) if tr.get("opts") else None,
                        "train_tokens": tr.get("tokens"), "train_tokens_per_s": tr.get("tokens_per_s"),
                        "path": f"{store_url}/{t['folder']}/{tr['path']}"}
                 for k in SAE_FIELDS:

@@ -40,7 +40,29 @@ def build(arch: str, d_in: int, width: int, k: float | None = None, l1: float | 
     elif l1 is not None:
         raise InputError(f"architecture '{arch}' takes no l1 coefficient"
                          + (" (GBA controls sparsity by bias adaptation)" if arch == "gba" else ""))
+    check_gba_range(arch, kw.get("htf"), kw.get("ltf"))
     try:
         return ARCHS[arch](d_in, width, **kw)
     except TypeError as e:
         raise InputError(f"architecture '{arch}': {e}") from None
+
+
+GBA_RANGE = ("htf", "ltf")   # GBA's target-frequency range: the one knob docs/training.md lets a user move
+
+
+def check_gba_range(arch: str, htf: float | None, ltf: float | None) -> None:
+    """``htf``/``ltf`` are GBA's only; with the defaults filled in, 0 < ltf < htf <= 1."""
+    given = {n: v for n, v in (("htf", htf), ("ltf", ltf)) if v is not None}
+    if not given:
+        return
+    if arch != "gba":
+        raise InputError(f"architecture '{arch}' takes no {'/'.join(given)}; htf and ltf set GBA's "
+                         "target-frequency range")
+    import inspect
+
+    defaults = inspect.signature(GBASAE.__init__).parameters
+    hi = htf if htf is not None else defaults["htf"].default
+    lo = ltf if ltf is not None else defaults["ltf"].default
+    if not 0 < lo < hi <= 1:
+        raise InputError(f"GBA's target range must satisfy 0 < ltf < htf <= 1; got htf={hi:g}, ltf={lo:g} "
+                         "(htf: the densest feature frequency you expect, default 0.1; ltf the rarest, default 1e-4)")

@@ -87,16 +87,17 @@ def train_on_activations(activations: str, arch: str, width: int, out: str, k: i
                          l1: float | None = None, tokens: int | None = None, batch_size: int = 1024,
                          lr: float | None = None, seed: int = 0, device: str | None = None,
                          checkpoint_every: int = 500, shuffle_buffer: int = 1 << 16,
-                         eval_tokens: int = 16_384) -> dict:
+                         eval_tokens: int = 16_384, opts: dict | None = None) -> dict:
     if width < 1:
         raise InputError(f"--width {width} must be positive")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     from .registry import build
 
-    build(arch, 1, width, k=k, l1=l1)   # its checks (k <= width, the knobs each arch takes) before any I/O
+    opts = dict(opts or {})
+    build(arch, 1, width, k=k, l1=l1, **opts)   # its checks (k <= width, the knobs each arch takes) before any I/O
     ds = ActivationDataset(activations, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed)
     tokens = tokens or ds.num_rows
-    variant = Variant(arch, width, k=k, l1=l1)
+    variant = Variant(arch, width, k=k, l1=l1, opts=opts)
     out_store = Store.open(out)
     out_store.check_writable()   # before the data is read: a bad --out fails now, not at the first checkpoint
     res, cfg = fit_dataset(ds, [variant], tokens, batch_size, lr=lr, seed=seed, device=device,

@@ -55,14 +55,17 @@ def variant_name(v) -> str:
 def variants_from_spec(sae_spec) -> list[dict]:
     out = []
     for a in sae_spec.architectures:
-        out.append({"arch": a.arch, "width": a.width, "k": a.k, "l1": a.l1})
+        v = {"arch": a.arch, "width": a.width, "k": a.k, "l1": a.l1}
+        if a.opts():
+            v["opts"] = a.opts()
+        out.append(v)
     names = [variant_name(v) for v in out]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         from ..errors import InputError
 
-        raise InputError(f"sae.architectures: variants {sorted(dup)} appear twice; each (arch, width, k, l1) "
-                         "must be unique")
+        raise InputError(f"sae.architectures: variants {sorted(dup)} appear twice; each (arch, width, k, l1, htf, "
+                         "ltf) must be unique")
     return out
 
 
@@ -107,6 +110,7 @@ def train_unit(cfg: UnitConfig, on_step=None) -> dict:
         url = io.save(sae, run / sae_rel(cfg.hookpoint, v.name), info=info, hook_name=cfg.hookpoint,
                       model_name=cfg.model or ds.meta.get("model"))
         out[v.name] = {"path": sae_rel(cfg.hookpoint, v.name), "url": url, "arch": v.arch, "width": v.width, "k": v.k, "l1": v.l1,
+                       **({"opts": v.opts} if v.opts else {}),
                        "tokens": tokens, "tokens_per_s": last.get("tokens_per_s"),
                        "train_sample": {k: ev[k] for k in ("fvu", "l0", "mse", "dead_frac", "dense_frac")}}
     run.write_json(f"saes/{cfg.hookpoint}/{CKPT_DIR}/{RESULT}", out)
