@@ -40,6 +40,10 @@ Defaults and where each comes from (docs/benchmarks.md, "Recovery across a famil
   0.72 vs 0.74; d96-rare-heavy at HTF 0.02: 0.69 vs 0.71), so HTF stays 0.1; a user whose features
   are all rarer than about 1 % should lower ``htf`` to the densest frequency expected
   (docs/training.md).
+* Width: the L0 is at most width × the mean target (0.0158 with the range above), and the targets
+  are spread over the whole range whatever the data's frequencies, so GBA needs more neurons than
+  features. Recovery at cosine 0.9 at width 1×/2×/4× the features (planted, 3M tokens): 0.54/0.82/1.00
+  with d = 96 and true L0 4.2, 0.63/0.97/1.00 with d = 256 and true L0 6.4 (docs/training.md).
 * ε = 1e-6 ("never fired in the window": a third-party re-implementation's value).
 * The controller's window and step are the paper's (25,600 tokens = 50 steps × batch 512; γ = 0.01)
   *when the run is long enough for them*: the paper's runs see about 4,000 windows, so each bias can
