@@ -47,11 +47,9 @@ def build(arch: str, d_in: int, width: int, k: float | None = None, l1: float | 
         raise InputError(f"architecture '{arch}': {e}") from None
 
 
-GBA_RANGE = ("htf", "ltf")   # GBA's target-frequency range: the one knob docs/training.md lets a user move
-
-
 def check_gba_range(arch: str, htf: float | None, ltf: float | None) -> None:
-    """``htf``/``ltf`` are GBA's only; with the defaults filled in, 0 < ltf < htf <= 1."""
+    """GBA's target-frequency range (the one GBA setting docs/training.md has a user move): ``htf``/``ltf``
+    are GBA's only and, with the defaults filled in, 0 < ltf < htf <= 1."""
     given = {n: v for n, v in (("htf", htf), ("ltf", ltf)) if v is not None}
     if not given:
         return
