@@ -252,3 +252,20 @@ def test_spec_that_cannot_finish_fails_before_anything_runs(tiny_model, tmp_path
     with pytest.raises(InputError, match=want):
         run_audit(parse_spec(json.dumps(d)))
     assert not (tmp_path / "store").exists()
+
+
+def test_tradeoff_points_of_one_arch_at_one_hook_point_are_told_apart():
+    """The trade-off plots mark the architecture; two variants of one architecture at one hook
+    point get their distinguishing knob or options written beside them, a lone variant nothing."""
+    from saeray.report.plots import tradeoff_png, variant_labels
+
+    rows = [{"hookpoint": "h0", "arch": "relu", "width": 64, "k": None, "l1": 1.0, "l0": 3, "fvu": 0.2},
+            {"hookpoint": "h0", "arch": "relu", "width": 64, "k": None, "l1": 3.0, "l0": 2, "fvu": 0.3},
+            {"hookpoint": "h0", "arch": "gba", "width": 64, "k": None, "l1": None, "l0": 4, "fvu": 0.3},
+            {"hookpoint": "h0", "arch": "gba", "width": 64, "k": None, "l1": None, "opts": "htf 0.02", "l0": 3, "fvu": 0.5},
+            {"hookpoint": "h0", "arch": "topk", "width": 64, "k": 8, "l1": None, "l0": 8, "fvu": 0.05},
+            {"hookpoint": "h1", "arch": "topk", "width": 32, "k": 8, "l1": None, "l0": 8, "fvu": 0.05},
+            {"hookpoint": "h1", "arch": "topk", "width": 64, "k": 8, "l1": None, "l0": 8, "fvu": 0.04}]
+    assert variant_labels(rows, lambda r: r["hookpoint"]) == ["l1 1", "l1 3", None, "htf 0.02", None, "w 32, k 8",
+                                                              "w 64, k 8"]
+    assert tradeoff_png(rows, "fvu", "FVU", "t")[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,6 +7,31 @@ import io
 ARCH_MARKERS = {"relu": "o", "topk": "s", "batchtopk": "D", "gated": "^", "jumprelu": "v", "gba": "P"}
 
 
+def variant_labels(rows: list[dict], series) -> list[str | None]:
+    """Per row, what tells it apart from the other points of its colour and marker (its k, l1,
+    width or options, e.g. GBA's htf), or None when it has no twin there: a marker says the
+    architecture, so two variants of one architecture at one hook point need a word each."""
+    from collections import Counter
+
+    def key(r: dict) -> tuple:
+        return series(r), r["arch"]
+
+    twins = Counter(map(key, rows))
+    widths: dict[tuple, set] = {}
+    for r in rows:
+        widths.setdefault(key(r), set()).add(r["width"])
+    out = []
+    for r in rows:
+        if twins[key(r)] < 2:
+            out.append(None)
+            continue
+        parts = [f"w {r['width']}"] if len(widths[key(r)]) > 1 else []
+        parts += [f"{n} {r[n]:g}" for n in ("k", "l1") if r.get(n) is not None]
+        parts += [r["opts"]] if r.get("opts") else []
+        out.append(", ".join(parts) or None)
+    return out
+
+
 def tradeoff_png(rows: list[dict], y: str, ylabel: str, title: str) -> bytes | None:
     """Scatter of L0 (x, log) against ``y``; one colour per hook point, one marker per arch."""
     import matplotlib
@@ -25,10 +50,14 @@ def tradeoff_png(rows: list[dict], y: str, ylabel: str, title: str) -> bytes | N
     hps = list(dict.fromkeys(series(r) for r in pts))
     cmap = plt.get_cmap("viridis", max(len(hps), 2))
     fig, ax = plt.subplots(figsize=(9.5, 4.5), dpi=110)
+    labels = dict(zip(map(id, pts), variant_labels(pts, series)))
     for i, hp in enumerate(hps):
         for r in (r for r in pts if series(r) == hp):
             ax.scatter(max(r["l0"], 1e-3), r[y], color=cmap(i), marker=ARCH_MARKERS.get(r["arch"], "x"), s=46,
                        edgecolor="black", linewidth=0.4)
+            if labels[id(r)]:
+                ax.annotate(labels[id(r)], (max(r["l0"], 1e-3), r[y]), xytext=(5, 4), textcoords="offset points",
+                            fontsize=7)
     for i, hp in enumerate(hps):
         ax.scatter([], [], color=cmap(i), marker="o", label=hp)
     for a, m in ARCH_MARKERS.items():
