@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
@@ -132,20 +132,21 @@ class SAEVariant(_Strict):
                                  "to the densest feature frequency you expect when every feature is rarer than ~1 % "
                                  "(docs/training.md)")
     ltf: Optional[float] = Field(None, gt=0, lt=1, description="gba: lowest target frequency, default 1e-4")
+    OPTIONS: ClassVar[tuple[str, ...]] = ("htf", "ltf")   # the fields beyond k and l1 (Variant.opts)
 
     @model_serializer(mode="wrap")
     def _drop_unset_range(self, handler):
         # a variant without a GBA range dumps exactly as before the fields existed, so the spec hash
         # (and every stage key) of existing runs is unchanged and they resume
         d = handler(self)
-        for f in ("htf", "ltf"):
+        for f in self.OPTIONS:
             if d.get(f) is None:
                 d.pop(f, None)
         return d
 
     def opts(self) -> dict:
         """Architecture options beyond k and l1 (``Variant.opts``)."""
-        return {f: getattr(self, f) for f in ("htf", "ltf") if getattr(self, f) is not None}
+        return {f: getattr(self, f) for f in self.OPTIONS if getattr(self, f) is not None}
 
     @model_validator(mode="after")
     def _needs(self) -> "SAEVariant":
