@@ -635,6 +635,8 @@ def bench_saelens(
     archs: str = typer.Option("topk,batchtopk,gba,relu,gated,jumprelu", "--archs", help="saeray architectures, comma list"),
     l1: str = typer.Option("", "--l1", help="saeray sparsity coefficients, e.g. relu=0.3,gated=0.3,jumprelu=0.01 "
                            "(default relu=1,gated=1,jumprelu=0.03: saeray's recovery-bench values)"),
+    htf: Optional[float] = typer.Option(None, "--htf", help="gba: highest target frequency (default 0.1; docs/training.md)"),
+    ltf: Optional[float] = typer.Option(None, "--ltf", help="gba: lowest target frequency (default 1e-4)"),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads, the same for both libraries"),
     eval_samples: int = typer.Option(100_000, "--eval-samples", min=1, help="held-out rows for SAELens's eval"),
     seed: int = typer.Option(0, "--seed", help="synthetic model seed"),
@@ -646,6 +648,7 @@ def bench_saelens(
     data stream, all scored by SAELens's eval_sae_on_synthetic_data (sae-lens runs in its own
     virtualenv, installed on first use; it is never a saeray dependency)."""
     from .bench.saelens_env import ARCHS, ensure_env, parse_l1, run_side
+    from .sae.registry import check_gba_range
 
     names = [a.strip() for a in archs.split(",") if a.strip()]
     bad = [a for a in names if a not in ARCHS]
@@ -654,6 +657,9 @@ def bench_saelens(
     if k is not None and k > (width or features):
         raise InputError(f"--k {k} must not exceed the SAE width {width or features}")
     parse_l1(l1)
+    if (htf is not None or ltf is not None) and "gba" not in names:
+        raise InputError("--htf/--ltf set GBA's target range, but gba is not in --archs; add it")
+    check_gba_range("gba", htf, ltf)
     py = ensure_env(venv)
     args = ["--out", out, "--tokens", str(tokens), "--features", str(features), "--dim", str(dim), "--batch-size",
             str(batch_size), "--archs", ",".join(names), "--l1", l1, "--threads", str(threads),
@@ -662,6 +668,7 @@ def bench_saelens(
         args += ["--width", str(width)]
     if k is not None:
         args += ["--k", str(k)]
+    args += [x for n, v in (("--htf", htf), ("--ltf", ltf)) if v is not None for x in (n, repr(v))]
     if json_out:
         args.append("--json")
     sys.stdout.flush()

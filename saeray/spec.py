@@ -128,9 +128,9 @@ class SAEVariant(_Strict):
     k: Optional[Union[int, float]] = Field(None, gt=0, description="active latents per token (topk: an integer; "
                                            "batchtopk: the mean per token, may be fractional)")
     l1: Optional[float] = Field(None, gt=0, description="sparsity coefficient (relu, gated, jumprelu)")
-    htf: Optional[float] = Field(None, gt=0, le=1, description="gba: highest target frequency, default 0.1; lower it "
-                                 "to the densest feature frequency you expect when every feature is rarer than ~1 % "
-                                 "(docs/training.md)")
+    htf: Optional[float] = Field(None, gt=0, le=1, description="gba: highest target frequency, default 0.1; set it "
+                                 "to the densest feature frequency you expect when that is far from 0.1 (every "
+                                 "feature rarer than ~1 %, or some denser than 10 %; docs/training.md)")
     ltf: Optional[float] = Field(None, gt=0, lt=1, description="gba: lowest target frequency, default 1e-4")
     OPTIONS: ClassVar[tuple[str, ...]] = ("htf", "ltf")   # the fields beyond k and l1 (Variant.opts)
 

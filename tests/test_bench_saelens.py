@@ -103,7 +103,8 @@ def test_cli_command_exists_and_checks_input_before_installing(tmp_path, monkeyp
         assert opt in r.output
     venv = tmp_path / "venv"
     monkeypatch.setattr(se, "ensure_env", lambda *a, **k: pytest.fail("installed before checking input"))
-    for argv in (["--archs", "topk,nope"], ["--k", "300", "--features", "256"], ["--l1", "topk=1"]):
+    for argv in (["--archs", "topk,nope"], ["--k", "300", "--features", "256"], ["--l1", "topk=1"],
+                 ["--archs", "topk", "--htf", "0.3"], ["--htf", "0.01", "--ltf", "0.05"], ["--htf", "1.5"]):
         r = subprocess.run([sys.executable, "-m", "saeray", "bench", "saelens", "--venv", str(venv), *argv],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stderr
@@ -145,7 +146,7 @@ def test_bench_saelens_end_to_end(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "saeray", "--log-level", "WARNING", "bench", "saelens", "--out", str(out),
            "--tokens", "8192", "--features", "32", "--dim", "16", "--eval-samples", "2000",
-           "--archs", "topk,gba,gated", "--json"]
+           "--archs", "topk,gba,gated", "--htf", "0.3", "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
@@ -157,7 +158,10 @@ def test_bench_saelens_end_to_end(tmp_path):
     assert d["config"]["num_features"] == 32 and d["config"]["hidden_dim"] == 16 and d["tokens"] == t["tokens"] == 8192
     assert t["k"] == max(1, round(d["true_l0"])) and t["width"] == 32
     rows = {x["name"]: x for x in res["rows"]}
-    assert list(rows) == ["saelens-topk", "saeray-topk", "saeray-gba", "saeray-gated"]
+    assert list(rows) == ["saelens-topk", "saeray-topk", "saeray-gba-htf0.3", "saeray-gated"]
+    # --htf reached the GBA that trained (and only GBA); ltf kept its default
+    assert (rows["saeray-gba-htf0.3"]["htf"], rows["saeray-gba-htf0.3"]["ltf"]) == (0.3, 1e-4)
+    assert "htf" not in rows["saeray-topk"] and "htf" not in rows["saeray-gated"]
     assert rows["saelens-topk"]["k"] == rows["saeray-topk"]["k"] == t["k"]
     assert {x["saelens_arch"] for x in rows.values()} == {"topk", "standard", "gated"}
     for name, x in rows.items():

@@ -16,7 +16,7 @@ One data stream, SAELens's own synthetic suite on both sides:
   dictionary hand it the pre-generated rows instead (the helper itself is unchanged).
 * saeray: ``saeray.sae.train.fit`` with ``TrainConfig.for_run(tokens, batch_size)`` and
   ``Variant(arch, width, k=...)`` (or ``l1=`` for relu/gated/jumprelu: DEFAULT_L1 in
-  saelens_env), one ``fit`` per architecture so that each tokens/s is one SAE's. Saved with
+  saelens_env; ``--htf/--ltf`` set GBA's target range, and its row is then named by them), one ``fit`` per architecture so that each tokens/s is one SAE's. Saved with
   ``saeray.sae.io.save`` and loaded back with SAELens's ``SAE.load_from_disk``; on 4,096 rows the
   loaded SAE's latents and reconstruction are compared with saeray's module (``roundtrip``).
 * k defaults to the data's expected L0: rounded for both TopKs, as is for BatchTopK (its k is a
@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--archs", default=",".join(ARCHS), help="saeray architectures, comma list")
     p.add_argument("--l1", default="", help="ARCH=VALUE,... for relu, gated, jumprelu (default: saeray's recovery-bench values)")
+    p.add_argument("--htf", type=float, default=None, help="GBA's highest target frequency (default: GBA's own)")
+    p.add_argument("--ltf", type=float, default=None, help="GBA's lowest target frequency (default: GBA's own)")
     p.add_argument("--no-saelens", action="store_true", help="skip the SAELens TopK (debugging)")
     p.add_argument("--eval-samples", type=int, default=100_000)
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
@@ -196,14 +198,19 @@ def run(a: argparse.Namespace) -> dict:
         # BatchTopK's k is the mean per token, the data's L0 itself (docs/training.md)
         kv = {"topk": k, "batchtopk": a.k or batchtopk_k(true_l0)}.get(arch)
         l1 = L1.get(arch)
+        opts = {n: v for n, v in (("htf", a.htf), ("ltf", a.ltf)) if v is not None and arch == "gba"}
+        name = "saeray-" + arch + "".join(f"-{n}{v:g}" for n, v in opts.items())
         cfg = TrainConfig.for_run(tokens, bs)
         print(f"train: saeray {arch}, {tokens:,} rows", flush=True)
         t1 = time.perf_counter()
-        (sae, m), = fit(batches, a.dim, [Variant(arch, width, k=kv, l1=l1)], cfg, progress_desc=f"saeray {arch}").values()
+        (sae, m), = fit(batches, a.dim, [Variant(arch, width, k=kv, l1=l1, opts=opts)], cfg,
+                          progress_desc=name).values()
         dt = time.perf_counter() - t1
-        folder = os.path.join(saes_dir, f"saeray-{arch}")
+        folder = os.path.join(saes_dir, name)
         sio.save(sae, folder, info={"bench": "saelens", "train": {"tokens": tokens, "batch_size": bs, "lr": m.get("lr")}})
-        score(f"saeray-{arch}", "saeray", arch, folder, tokens / dt, dt, mine=sae, k=kv, l1=l1, lr=cfg.lr,
+        # GBA's range as the trained module holds it (the defaults, or --htf/--ltf)
+        gba = {"htf": sae.htf, "ltf": sae.ltf} if arch == "gba" else {}
+        score(name, "saeray", arch, folder, tokens / dt, dt, mine=sae, k=kv, l1=l1, lr=cfg.lr, **gba,
               fit_tokens_per_s=m["tokens_per_s"])
 
     res = {
