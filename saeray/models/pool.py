@@ -13,9 +13,10 @@ short sequence of batches that enter the first actor and flow to the last, and i
 * **Backpressure.** Each pipeline holds at most ``max_in_flight`` batches; the driver keeps only
   object references, so its memory does not grow with the corpus.
 * **Failures.** An actor whose process dies is restarted by Ray (it reloads its layers); a restarted
-  actor no longer holds the item, answers :class:`ItemLost`, and the pool waits until every actor
-  answers again and re-runs the item as a new attempt (at most ``max_attempts``). Jobs keep their
-  state per item, so a re-run item neither loses nor double-counts anything.
+  actor no longer holds the item, answers :class:`ItemLost`, and the pool re-runs the item as a new
+  attempt (at most ``max_attempts``). Only the failed item's pipeline pauses until its actors
+  answer again; the other pipelines keep working, and may take the re-run. Jobs keep their state
+  per item, so a re-run item neither loses nor double-counts anything.
 * **Placement.** All actors of a pool are reserved at once in one placement group (every bundle
   or none), so pools of several targets waiting for the same GPUs or custom resources never
   deadlock half-built; a pool waits (and says so) until the cluster can hold it.
@@ -227,6 +228,13 @@ class _Pipe:
     actors: list
     inflight: deque = field(default_factory=deque)   # (item, attempt, ref, tag)
     cur: Any = None                                  # (item, attempt, iterator of batches)
+    # while one of its actors restarts: no new batches until every actor answers ``pid`` again
+    probe: list | None = None                        # the pending pid refs (None: healthy)
+    probe_at: float = 0.0                            # when to ask again after an "unavailable"
+    probe_deadline: float = 0.0
+
+
+RECOVERY_TIMEOUT_S = 300.0   # a restarted actor reloads its layers: seconds, more on a loaded machine
 
 
 class ModelPool:
@@ -293,7 +301,7 @@ class ModelPool:
                 actors.append(Actor.options(**o).remote(self.load, r, self.job_factory, args))
                 i += 1
             self.pipes.append(_Pipe(actors))
-        _wait_alive(self.actors, what=self.name, timeout_s=None)
+        _wait_alive(self.actors, what=self.name)
 
     @property
     def actors(self) -> list:
@@ -344,6 +352,7 @@ class ModelPool:
         pending_finish: dict[tuple[str, int], list] = {}
         dead: set[tuple[str, int]] = set()
         by_key: dict[str, Item] = {}   # items started and not yet done (the retry needs the item)
+        owner: dict[tuple[str, int], _Pipe] = {}   # the pipeline an attempt runs on
         retries = 0
 
         def fail(key: str, attempt: int, err: BaseException) -> None:
@@ -355,10 +364,11 @@ class ModelPool:
                 raise SaerayError(f"{self.name}: item {key} failed {attempt + 1} times; last error: {err}") from err
             log.warning(f"{self.name}: item {key} attempt {attempt} failed ({type(err).__name__}: "
                         f"{str(err)[:200]}); retrying")
-            if _actor_trouble(err):
-                # a restarted actor reloads its layers (seconds, more on a loaded machine); retrying
-                # before it answers again would fail at once and use up every attempt
-                _wait_alive(self.actors, what=self.name)
+            pipe = owner.pop((key, attempt), None)
+            if _actor_trouble(err) and pipe is not None and pipe.probe is None:
+                # a restarted actor reloads its layers; sending it work before it answers again would
+                # fail at once and use up every attempt. Only this pipeline waits: the others go on.
+                _start_probe(pipe, time.monotonic() + RECOVERY_TIMEOUT_S)
             retries += 1
             todo.appendleft((by_key[key], attempt + 1))
             for pipe in self.pipes:
@@ -381,13 +391,20 @@ class ModelPool:
         batches_done = 0
         while more or todo or any(p.inflight or p.cur for p in self.pipes) or finishing:
             for pipe in self.pipes:
-                while len(pipe.inflight) < self.max_in_flight:
+                if pipe.probe is not None:
+                    if time.monotonic() > pipe.probe_deadline:
+                        raise SaerayError(f"{self.name}: model actors did not come back within "
+                                          f"{RECOVERY_TIMEOUT_S:.0f} s")
+                    if not pipe.probe and time.monotonic() >= pipe.probe_at:
+                        _start_probe(pipe, pipe.probe_deadline)   # ask the restarting actors again
+                while pipe.probe is None and len(pipe.inflight) < self.max_in_flight:
                     if pipe.cur is None:
                         nxt_item = take()
                         if nxt_item is None:
                             break
                         it, att = nxt_item
                         by_key[it.key] = it
+                        owner[(it.key, att)] = pipe
                         for a in pipe.actors:
                             a.begin.remote(it.key, att)
                         pipe.cur = (it.key, att, iter(it.batches()))
@@ -404,13 +421,18 @@ class ModelPool:
                     for a in pipe.actors:
                         x = a.forward.remote(key, att, x, payload)
                     pipe.inflight.append((key, att, x, tag))
-            waiting = [e[2] for p in self.pipes for e in p.inflight] + list(finishing)
+            probes = {r: p for p in self.pipes for r in (p.probe or ())}
+            waiting = [e[2] for p in self.pipes for e in p.inflight] + list(finishing) + list(probes)
             if not waiting:
+                time.sleep(0.05)   # only recovering pipelines between probes: nothing to wait on
                 continue
             ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
             if not ready:
                 continue
             r = ready[0]
+            if r in probes:
+                _probe_answered(probes[r], r, self.name)
+                continue
             if r in finishing:
                 key, att = finishing.pop(r)
                 refs = pending_finish.get((key, att), [])
@@ -424,6 +446,7 @@ class ModelPool:
                         fail(key, att, e)
                         continue
                     by_key.pop(key, None)
+                    owner.pop((key, att), None)
                     on_item(key, parts)
                 continue
             for pipe in self.pipes:
@@ -452,29 +475,49 @@ class ModelPool:
         return out
 
 
+def _start_probe(pipe: _Pipe, deadline: float) -> None:
+    pipe.probe = [a.pid.remote() for a in pipe.actors]
+    pipe.probe_deadline = deadline
+
+
+def _probe_answered(pipe: _Pipe, ref, what: str) -> None:
+    """One actor of a recovering pipeline answered (or failed to): the pipeline is healthy again
+    once every actor has answered; "unavailable" (still restarting) asks again half a second later
+    (the run loop does, and ends the run at the deadline); an actor gone for good ends it at once."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    pipe.probe.remove(ref)
+    try:
+        ray.get(ref)
+    except ActorDiedError as e:
+        raise SaerayError(f"{what}: a model actor died and could not be restarted: {e}") from e
+    except ActorUnavailableError:
+        pipe.probe.clear()       # drop the rest of this round; a new one starts at probe_at
+        pipe.probe_at = time.monotonic() + 0.5
+        return
+    if not pipe.probe:
+        pipe.probe = None
+
+
 def _actor_trouble(err: BaseException) -> bool:
     from ray.exceptions import RayActorError
 
     return isinstance(err, RayActorError) or isinstance(getattr(err, "cause", None), RayActorError)
 
 
-def _wait_alive(actors: list, what: str, timeout_s: float | None = 300.0) -> None:
-    """Block until every actor answers (restarted ones included); fail if one is gone for good.
-    ``timeout_s=None`` waits as long as it takes (actors still being placed or loading)."""
+def _wait_alive(actors: list, what: str) -> None:
+    """Block until every actor answers, as long as that takes (actors still being placed or loading
+    their layers); fail if one is gone for good."""
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
 
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         try:
-            ray.get([a.pid.remote() for a in actors],
-                    timeout=60.0 if deadline is None else max(1.0, deadline - time.monotonic()))
+            ray.get([a.pid.remote() for a in actors], timeout=60.0)
             return
         except ActorDiedError as e:
             raise SaerayError(f"{what}: a model actor died and could not be restarted: {e}") from e
-        except (ActorUnavailableError, GetTimeoutError) as e:
-            if deadline is not None and time.monotonic() > deadline:
-                raise SaerayError(f"{what}: model actors did not come back within {timeout_s:.0f} s: {e}") from e
-            if deadline is None:
-                log.info(f"{what}: still waiting for the model actors to load")
+        except (ActorUnavailableError, GetTimeoutError):
+            log.info(f"{what}: still waiting for the model actors to load")
             time.sleep(0.5)
