@@ -461,6 +461,7 @@ def train(
     json_out: bool = typer.Option(False, "--json", help="print the result as one JSON line last"),
 ) -> None:
     """Train one SAE on stored activations; print the output path and final metrics."""
+    from .sae.registry import gba_range
     from .sae.run import train_on_activations
 
     if tokens is not None and tokens < 1:
@@ -469,7 +470,7 @@ def train(
         raise InputError(f"--batch-size {batch_size} must be positive")
     if k is not None and k == int(k):
         k = int(k)   # a whole k is recorded as an integer, as the spec records it
-    opts = {n: v for n, v in (("htf", htf), ("ltf", ltf)) if v is not None}
+    opts = gba_range(htf, ltf)
     res = train_on_activations(activations, arch, width, out, k=k, l1=l1, tokens=tokens, batch_size=batch_size,
                                lr=lr, seed=seed, device=device, checkpoint_every=checkpoint_every, opts=opts)
     m = res["metrics"]
@@ -668,7 +669,9 @@ def bench_saelens(
         args += ["--width", str(width)]
     if k is not None:
         args += ["--k", str(k)]
-    args += [x for n, v in (("--htf", htf), ("--ltf", ltf)) if v is not None for x in (n, repr(v))]
+    for flag, v in (("--htf", htf), ("--ltf", ltf)):
+        if v is not None:
+            args += [flag, repr(v)]
     if json_out:
         args.append("--json")
     sys.stdout.flush()

@@ -16,9 +16,10 @@ One data stream, SAELens's own synthetic suite on both sides:
   dictionary hand it the pre-generated rows instead (the helper itself is unchanged).
 * saeray: ``saeray.sae.train.fit`` with ``TrainConfig.for_run(tokens, batch_size)`` and
   ``Variant(arch, width, k=...)`` (or ``l1=`` for relu/gated/jumprelu: DEFAULT_L1 in
-  saelens_env; ``--htf/--ltf`` set GBA's target range, and its row is then named by them), one ``fit`` per architecture so that each tokens/s is one SAE's. Saved with
-  ``saeray.sae.io.save`` and loaded back with SAELens's ``SAE.load_from_disk``; on 4,096 rows the
-  loaded SAE's latents and reconstruction are compared with saeray's module (``roundtrip``).
+  saelens_env; ``--htf/--ltf`` set GBA's target range, and its row is then named by them), one
+  ``fit`` per architecture so that each tokens/s is one SAE's. Saved with ``saeray.sae.io.save``
+  and loaded back with SAELens's ``SAE.load_from_disk``; on 4,096 rows the loaded SAE's latents
+  and reconstruction are compared with saeray's module (``roundtrip``).
 * k defaults to the data's expected L0: rounded for both TopKs, as is for BatchTopK (its k is a
   mean per token, docs/training.md); width to num_features.
 * scoring: SAELens's ``eval_sae_on_synthetic_data`` on every SAE (SAELens's too, after its own
@@ -111,7 +112,8 @@ def run(a: argparse.Namespace) -> dict:
     from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig, train_toy_sae
 
     from ..sae import io as sio
-    from ..sae.train import TrainConfig, Variant, fit
+    from ..sae.registry import gba_range
+    from ..sae.train import TrainConfig, Variant, fit, opts_suffix
     from .recovery_family import batchtopk_k
 
     torch.set_num_threads(a.threads)
@@ -198,8 +200,8 @@ def run(a: argparse.Namespace) -> dict:
         # BatchTopK's k is the mean per token, the data's L0 itself (docs/training.md)
         kv = {"topk": k, "batchtopk": a.k or batchtopk_k(true_l0)}.get(arch)
         l1 = L1.get(arch)
-        opts = {n: v for n, v in (("htf", a.htf), ("ltf", a.ltf)) if v is not None and arch == "gba"}
-        name = "saeray-" + arch + "".join(f"-{n}{v:g}" for n, v in opts.items())
+        opts = gba_range(a.htf, a.ltf) if arch == "gba" else {}
+        name = f"saeray-{arch}{opts_suffix(opts)}"
         cfg = TrainConfig.for_run(tokens, bs)
         print(f"train: saeray {arch}, {tokens:,} rows", flush=True)
         t1 = time.perf_counter()

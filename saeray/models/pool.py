@@ -368,7 +368,8 @@ class ModelPool:
             if _actor_trouble(err) and pipe is not None and pipe.probe is None:
                 # a restarted actor reloads its layers; sending it work before it answers again would
                 # fail at once and use up every attempt. Only this pipeline waits: the others go on.
-                _start_probe(pipe, time.monotonic() + RECOVERY_TIMEOUT_S)
+                pipe.probe_deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+                _start_probe(pipe)
             retries += 1
             todo.appendleft((by_key[key], attempt + 1))
             for pipe in self.pipes:
@@ -396,7 +397,7 @@ class ModelPool:
                         raise SaerayError(f"{self.name}: model actors did not come back within "
                                           f"{RECOVERY_TIMEOUT_S:.0f} s")
                     if not pipe.probe and time.monotonic() >= pipe.probe_at:
-                        _start_probe(pipe, pipe.probe_deadline)   # ask the restarting actors again
+                        _start_probe(pipe)   # ask the restarting actors again
                 while pipe.probe is None and len(pipe.inflight) < self.max_in_flight:
                     if pipe.cur is None:
                         nxt_item = take()
@@ -475,9 +476,8 @@ class ModelPool:
         return out
 
 
-def _start_probe(pipe: _Pipe, deadline: float) -> None:
+def _start_probe(pipe: _Pipe) -> None:
     pipe.probe = [a.pid.remote() for a in pipe.actors]
-    pipe.probe_deadline = deadline
 
 
 def _probe_answered(pipe: _Pipe, ref, what: str) -> None:

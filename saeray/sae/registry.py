@@ -47,10 +47,15 @@ def build(arch: str, d_in: int, width: int, k: float | None = None, l1: float | 
         raise InputError(f"architecture '{arch}': {e}") from None
 
 
+def gba_range(htf: float | None, ltf: float | None) -> dict:
+    """The GBA range a user gave, unset ends left out: the ``Variant.opts`` of a GBA variant."""
+    return {n: v for n, v in (("htf", htf), ("ltf", ltf)) if v is not None}
+
+
 def check_gba_range(arch: str, htf: float | None, ltf: float | None) -> None:
     """GBA's target-frequency range (the one GBA setting docs/training.md has a user move): ``htf``/``ltf``
     are GBA's only and, with the defaults filled in, 0 < ltf < htf <= 1."""
-    given = {n: v for n, v in (("htf", htf), ("ltf", ltf)) if v is not None}
+    given = gba_range(htf, ltf)
     if not given:
         return
     if arch != "gba":

@@ -124,9 +124,13 @@ class Variant:
     def __post_init__(self) -> None:
         if self.name is None:
             knob = f"-k{self.k:g}" if self.k is not None else (f"-l1{self.l1:g}" if self.l1 is not None else "")
-            # options in the name: two GBA variants with different ranges are two SAE folders
-            opts = "".join(f"-{k}{format(v, 'g') if isinstance(v, float) else v}" for k, v in sorted(self.opts.items()))
-            self.name = f"{self.arch}-w{self.width}{knob}{opts}" + (f"-s{self.seed}" if self.seed is not None else "")
+            seed = f"-s{self.seed}" if self.seed is not None else ""
+            self.name = f"{self.arch}-w{self.width}{knob}{opts_suffix(self.opts)}{seed}"
+
+
+def opts_suffix(opts: dict) -> str:
+    """``-htf0.01-ltf1e-05``: architecture options in a name, so two GBA ranges are two SAE folders."""
+    return "".join(f"-{k}{format(v, 'g') if isinstance(v, float) else v}" for k, v in sorted(opts.items()))
 
 
 def _lr_lambda(warmup: int, total: int, decay_start: float) -> Callable[[int], float]:
