@@ -533,6 +533,28 @@ def bench_train(
     show_bench(format_table(res), res, json_out)
 
 
+@bench_app.command("evaluate")
+def bench_evaluate(
+    spec: str = typer.Option("jobs/smollm2.yaml", "--spec", help="the audit whose model, hook points, SAE "
+                             "architectures, layer split and held-out corpus are used (its first target)"),
+    batches: int = typer.Option(1, "--batches", min=1, help="held-out batches, each run both ways"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="contexts per batch (default: the "
+                                             "spec's evaluation.batch_size)"),
+    threads: int = typer.Option(2, "--threads", min=1),
+    json_out: bool = typer.Option(False, "--json", help="print the figures as one JSON line last"),
+) -> None:
+    """Evaluation passes per second with intervention passes through the whole model vs resumed at
+    their hook point's block from the clean pass, and their largest CE / KL difference (randomly
+    initialised SAEs of the spec's architectures: timings only)."""
+    from .bench.evaluate import format_table, run_bench
+    from .spec import load_spec
+
+    if load_spec(spec).sae is None:
+        raise InputError(f"--spec {spec}: it has no sae section, so there are no SAEs to evaluate")
+    res = run_bench(spec, batches=batches, batch_size=batch_size, threads=threads)
+    show_bench(format_table(res), res, json_out)
+
+
 @bench_app.command("gradsae")
 def bench_gradsae(
     spec: str = typer.Option("jobs/storyworld.yaml", "--spec", help="the audit whose TopK SAEs are scored (trained "

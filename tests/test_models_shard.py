@@ -58,6 +58,17 @@ def test_split_stages_reproduce_logits(tiny, boundaries):
     torch.testing.assert_close(_compose(stages, ids), ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("start_layer", [0, 1, 2])
+def test_stage_started_at_a_block_from_its_input_reproduces_logits(tiny, start_layer):
+    """What evaluation's resumed passes rely on: from resid_pre.L of a clean pass, blocks L.. give
+    the model's logits (on the first stage too, where the embeddings must not be added twice)."""
+    _, model, ids = tiny
+    (whole,) = split(model, [])
+    kept = whole(ids, capture=[f"resid_pre.{start_layer}"]).acts[f"resid_pre.{start_layer}"]
+    torch.testing.assert_close(whole(kept.clone(), start_layer=start_layer).output, model(ids).logits,
+                               rtol=0, atol=1e-5)
+
+
 def test_split_stages_with_padding_mask(tiny):
     _, model, ids = tiny
     mask = torch.ones(2, T, dtype=torch.long)

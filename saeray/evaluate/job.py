@@ -10,8 +10,17 @@ per *mode* (the payload's ``mode``):
 * ``("values",)``: a second clean pass for concept AUROC (pass 2 of :mod:`.concepts`); the payload
   carries the latent chosen per concept in pass 1.
 
+An intervention at layer L leaves everything before block L as in the clean pass, so the clean
+pass keeps the hidden states entering each hook point's block (``resid_pre.L``) and the intervention
+passes start there (``resume``): stages before L send nothing, the stage holding L runs from block L
+on. On a deep model with hook points spread over its depth this skips about half the block
+computations of evaluation (docs/benchmarks.md, ``saeray bench evaluate``); the CE and KL figures
+are those of full passes (tests/test_evaluate_resume.py). The kept states cost one
+[batch, pos, d_model] tensor per hook-point layer of the stage, per worker, for one item at a time.
+
 Everything is accumulated per item and returned by ``finish``; the driver sums items, so an item
-re-run after an actor restart counts exactly once. A plain object (see :mod:`saeray.models.pool`).
+re-run after an actor restart counts exactly once (its clean pass comes first again, and keeps the
+states anew). A plain object (see :mod:`saeray.models.pool`).
 """
 from __future__ import annotations
 
@@ -26,14 +35,20 @@ class EvalJob:
     logits = True
     grad = False
 
-    def __init__(self, stage, device: torch.device, saes: dict[str, dict[str, str]], n_concepts: int):
+    def __init__(self, stage, device: torch.device, saes: dict[str, dict[str, str]], n_concepts: int,
+                 resume: bool = True):
+        from ..models.hookpoints import parse
         from ..sae import io
 
         self.device = device
         self.is_last = stage.is_last
+        self.layers = stage.layer_range
         self.saes = {hp: {n: io.load(url, device=str(device)) for n, url in d.items()} for hp, d in saes.items()}
         self.hookpoints = list(self.saes)
         self.n_concepts = n_concepts
+        # resume=False runs every intervention pass through the whole model (the bench's "before")
+        self.resume_from = [f"resid_pre.{L}" for L in sorted({parse(hp).layer for hp in self.hookpoints})] if resume else []
+        self.do_resume = bool(resume)
 
     def begin(self, item: str) -> None:
         self.metrics = {hp: {n: RunningMetrics(s.width) for n, s in d.items()} for hp, d in self.saes.items()}
@@ -42,9 +57,33 @@ class EvalJob:
         self.values: dict[str, dict[str, list]] = {}
         self.losses: dict[tuple, list[float]] = {}
         self._clean_logp: torch.Tensor | None = None
+        self._kept: dict[int, torch.Tensor] = {}
 
     def capture(self, payload: dict) -> list[str]:
-        return self.hookpoints if payload["mode"][0] in ("clean", "values") else []
+        mode = payload["mode"][0]
+        if mode == "clean":
+            return list(dict.fromkeys(self.hookpoints + self.resume_from))
+        return self.hookpoints if mode == "values" else []
+
+    def resume(self, payload: dict):
+        """Where an intervention pass starts (the pool's ``Job.resume``): at its hook point's block,
+        from the hidden states the clean pass of this item kept."""
+        from ..models.hookpoints import parse
+        from ..models.pool import UNCHANGED
+
+        mode = payload["mode"]
+        if not self.do_resume or mode[0] not in ("zero", "sae"):
+            return None
+        L = parse(mode[1]).layer
+        start, stop = self.layers
+        if L >= stop:
+            return UNCHANGED
+        if L < start:
+            return None
+        if L not in self._kept:
+            raise RuntimeError(f"no clean pass kept the input of layer {L}: the clean pass of a batch must "
+                               "come before its interventions")
+        return L, self._kept[L].clone()
 
     def interventions(self, payload: dict):
         """Zero-ablation and splicing act on the kept positions only (the rows the SAE was trained
@@ -70,6 +109,9 @@ class EvalJob:
         mode = payload["mode"][0]
         if mode not in ("clean", "values") or not acts:
             return
+        if mode == "clean":
+            # copies here and in resume (cheap next to a block): no block may write into a kept state
+            self._kept = {int(name.split(".")[1]): acts[name].clone() for name in self.resume_from}
         keep_t = torch.from_numpy(np.array(payload["keep"])).to(self.device)
         y = payload.get("y")
         y = torch.from_numpy(np.array(y)) if y is not None and self.n_concepts else None

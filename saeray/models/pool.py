@@ -30,6 +30,10 @@ short sequence of batches that enter the first actor and flow to the last, and i
   stages of the pipeline under ``no_grad``); :func:`grad_ranges` keeps every layer a request
   needs, from its first hook point to the logits, in one stage so gradients never cross actors.
 
+* **Resumed passes.** A job may answer ``resume(payload)`` for a batch that repeats an earlier
+  pass of its item up to layer L (evaluation's ablations and splices): the stages before L send
+  nothing and the one holding L starts at block L from the state the job kept.
+
 Jobs implement :class:`Job`; the worker is exercised without Ray in tests.
 """
 from __future__ import annotations
@@ -68,8 +72,14 @@ class Job(Protocol):
     def interventions(self, payload: dict) -> dict | None: ...
     def on_acts(self, payload: dict, acts: dict[str, torch.Tensor]) -> None: ...
     def on_output(self, payload: dict, output: torch.Tensor) -> Any: ...   # last stage only
+    # optional: ``resume(payload)`` for a batch that repeats an earlier pass of the item up to some
+    # layer L and differs from there on (an intervention at L): ``(L, hidden entering block L)`` kept
+    # from that pass when L is in this stage, :data:`UNCHANGED` when L is beyond it, else None
     # direct jobs (``direct = True``) implement ``run(payload) -> Any`` instead of the four above
     def finish(self, item: str) -> Any: ...
+
+
+UNCHANGED = "unchanged"   # Job.resume: this stage's output equals the earlier pass's, so skip it
 
 
 class DirectJob:
@@ -162,15 +172,25 @@ class PoolWorker:
         self._check(item, attempt)
         if getattr(self.job, "direct", False):
             return self.job.run(payload)
-        # arrays from the object store are read-only views: copy before torch owns them
-        inputs = (torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x).to(self.device)
+        resume = self.job.resume(payload) if hasattr(self.job, "resume") else None
+        start = None
+        if resume is UNCHANGED:
+            if self.stage.is_last:
+                raise SaerayError("Job.resume: the last stage cannot be skipped, it makes the batch's result")
+            # the stage that resumes holds its own copy of what this one would send
+            return None
+        if resume is not None:
+            start, inputs = resume
+        else:
+            # arrays from the object store are read-only views: copy before torch owns them
+            inputs = (torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x).to(self.device)
         capture = self.job.capture(payload)
         edits = self.job.interventions(payload)
         grad_here = self.job.grad and bool(capture or edits or self.stage.is_last)
         mode = torch.enable_grad() if grad_here else (torch.no_grad() if self.job.grad else torch.inference_mode())
         with mode:
             out = self.stage(inputs, capture=capture, interventions=edits, logits=self.job.logits,
-                             detach=not grad_here)
+                             detach=not grad_here, start_layer=start)
             self.job.on_acts(payload, out.acts)
             if self.stage.is_last:
                 return self.job.on_output(payload, out.output)

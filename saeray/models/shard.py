@@ -106,7 +106,7 @@ class Stage(nn.Module):
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *, capture: Iterable[str] = (),
                 interventions: Mapping[str, Intervention] | None = None, logits: bool = True,
-                detach: bool = True) -> StageOutput:
+                detach: bool = True, start_layer: int | None = None) -> StageOutput:
         """Run this stage.
 
         inputs: token ids [batch, pos] (first stage) or hidden states [batch, pos, d_model] (others).
@@ -115,8 +115,19 @@ class Stage(nn.Module):
         capture / interventions: hook point names of this stage's layers (globs expand to them).
         logits: the last stage returns logits; with ``logits=False`` it skips the final norm and
             unembedding and returns its last block's hidden states, like the other stages.
+        start_layer: run from block ``start_layer`` of this stage on, ``inputs`` being the hidden
+            states entering it (``resid_pre.<start_layer>`` of an earlier pass of the same batch):
+            a pass that changes nothing before that layer need not recompute the layers before it.
         """
-        if self.is_first:
+        first = 0
+        if start_layer is not None:
+            if not self.start <= start_layer < self.stop:
+                raise InputError(f"start_layer {start_layer} is not within this stage's layers [{self.start}, {self.stop})")
+            if not inputs.is_floating_point() or inputs.dim() != 3:
+                raise InputError(f"start_layer {start_layer} takes the hidden states entering that block "
+                                 f"[batch, pos, d_model], got {tuple(inputs.shape)} {inputs.dtype}")
+            hidden, first = inputs, start_layer - self.start
+        elif self.is_first:
             if inputs.is_floating_point():
                 raise InputError("the first stage takes token ids [batch, pos], got a floating-point tensor")
             hidden = self.embed(inputs)
@@ -127,15 +138,15 @@ class Stage(nn.Module):
             hidden = inputs
         if position_ids is None:
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        if self.is_first and self.pos_embed is not None:
+        if self.is_first and self.pos_embed is not None and start_layer is None:
             hidden = hidden + self.pos_embed(position_ids)
         masks = self._masks(hidden, attention_mask, position_ids)
         extra: dict[str, Any] = {}
         if self.rotary is not None:
             extra["position_embeddings"] = self.rotary(hidden, position_ids)
         with run_with(self, capture, interventions, detach=detach) as acts:
-            for i, block in enumerate(self.blocks):
-                hidden = block(hidden, attention_mask=masks[self._layer_types[self.start + i]],
+            for i in range(first, len(self.blocks)):
+                hidden = self.blocks[i](hidden, attention_mask=masks[self._layer_types[self.start + i]],
                                position_ids=position_ids, **extra)
                 if isinstance(hidden, tuple):  # older transformers return (hidden, ...)
                     hidden = hidden[0]
