@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
@@ -58,7 +59,8 @@ def run_bench(spec_path: str = "jobs/smollm2.yaml", batches: int = 1, batch_size
         for hp in p.hookpoints:
             modes += [("zero", hp)] + [("sae", hp, n) for n in paths[hp]]
         per_stage = route(p.hookpoints, p.ranges, p.n_layers, p.n_heads)
-        load = Load.of(target.ref)
+        # the worker sets torch's threads from its Load (in the audit: the spec's num_cpus)
+        load = replace(Load.of(target.ref), threads=threads)
         log.info(f"bench evaluate: loading {target} as {len(p.ranges)} stage(s), two ways")
         ways = {}
         for resume in (False, True):
