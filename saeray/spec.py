@@ -211,7 +211,9 @@ class EvaluationSpec(_Strict):
     concepts: bool = True
     probes: bool = Field(True, description="storyworld: every SAE's best latent and k-sparse probe against a linear "
                          "probe per planted concept (the presence stage; the report's concepts page)")
-    batch_size: int = Field(32, ge=1, description="held-out contexts per batch")
+    batch_size: int = Field(32, ge=1, description="held-out contexts per batch; a worker holds the batch's clean "
+                            "log-probabilities, batch x context_len x vocabulary floats, so lower it for large "
+                            "vocabularies at long contexts")
     pipelines: int = Field(1, ge=1, description="model pipelines evaluating side by side (held-out batches spread over them)")
 
 
