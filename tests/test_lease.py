@@ -139,14 +139,21 @@ def test_racing_processes_exactly_one_wins(tmp_path):
     """The same race between separate processes on a local folder (os.link across processes)."""
     run = Store.open(str(tmp_path)) / "rp"
     _expired_record(run, 1)
-    go = tmp_path / "go"
+    go, done = tmp_path / "go", tmp_path / "done"
+    # the winner holds its lease until every racer has answered: a winner that had already exited
+    # would be a dead holder, which a late racer rightly takes over (holder_gone)
     code = ("import os,sys,time\nfrom saeray.store import Store\nfrom saeray.run.lease import Lease, LeaseHeld\n"
             f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
-            f"try:\n    Lease(Store.open({str(tmp_path)!r}) / 'rp', 'rp', ttl=30).acquire(); print('won')\n"
-            "except LeaseHeld: print('refused')\n")
+            f"try:\n    Lease(Store.open({str(tmp_path)!r}) / 'rp', 'rp', ttl=30).acquire(); print('won', flush=True)\n"
+            "except LeaseHeld: print('refused', flush=True); sys.exit(0)\n"
+            f"t = time.time()\nwhile not os.path.exists({str(done)!r}) and time.time() - t < 60: time.sleep(0.01)\n")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(4)]
     time.sleep(3)                            # all four importing done and polling
     go.touch()
+    deadline = time.time() + 60
+    while sum(p.poll() is not None for p in procs) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    done.touch()
     outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outs == ["refused"] * 3 + ["won"]
     assert generations(run) == [2]
