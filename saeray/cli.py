@@ -547,10 +547,7 @@ def bench_evaluate(
     their hook point's block from the clean pass, and their largest CE / KL difference (randomly
     initialised SAEs of the spec's architectures: timings only)."""
     from .bench.evaluate import format_table, run_bench
-    from .spec import load_spec
 
-    if load_spec(spec).sae is None:
-        raise InputError(f"--spec {spec}: it has no sae section, so there are no SAEs to evaluate")
     res = run_bench(spec, batches=batches, batch_size=batch_size, threads=threads)
     show_bench(format_table(res), res, json_out)
 

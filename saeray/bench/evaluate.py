@@ -37,7 +37,8 @@ def _saes(spec, widths: dict[str, int], root: str) -> dict[str, dict[str, str]]:
 
 def run_bench(spec_path: str = "jobs/smollm2.yaml", batches: int = 1, batch_size: int | None = None,
               threads: int = 2) -> dict:
-    from ..evaluate.job import EvalJob
+    from ..errors import InputError
+    from ..evaluate.job import EvalJob, add_losses
     from ..harvest.corpus import corpus_for
     from ..harvest.stage import plan
     from ..models.hookpoints import parse
@@ -48,6 +49,8 @@ def run_bench(spec_path: str = "jobs/smollm2.yaml", batches: int = 1, batch_size
 
     torch.set_num_threads(threads)
     spec = load_spec(spec_path)
+    if spec.sae is None:
+        raise InputError(f"--spec {spec_path}: it has no sae section, so there are no SAEs to evaluate")
     target = expand_targets(spec)[0]
     p = plan(spec, target)
     B = batch_size or spec.evaluation.batch_size
@@ -87,10 +90,7 @@ def run_bench(spec_path: str = "jobs/smollm2.yaml", batches: int = 1, batch_size
                 for w in workers[:-1]:
                     w.finish(key)
                 wall[resume] += time.perf_counter() - t0
-                for mode, v in res["losses"].items():
-                    s = losses[resume].setdefault(mode, [0.0, 0, 0.0])
-                    for j in range(3):
-                        s[j] += v[j]
+                add_losses(losses[resume], res["losses"])
             log.info(f"bench evaluate: batch {i + 1}/{len(slices)}: full {wall[False]:.1f} s, resumed {wall[True]:.1f} s")
     # block computations a pass runs: all of them, or those from its hook point's layer on
     n = p.n_layers

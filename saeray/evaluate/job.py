@@ -47,8 +47,8 @@ class EvalJob:
         self.hookpoints = list(self.saes)
         self.n_concepts = n_concepts
         # resume=False runs every intervention pass through the whole model (the bench's "before")
-        self.resume_from = [f"resid_pre.{L}" for L in sorted({parse(hp).layer for hp in self.hookpoints})] if resume else []
         self.do_resume = bool(resume)
+        self.kept_layers = sorted({parse(hp).layer for hp in self.hookpoints}) if resume else []
 
     def begin(self, item: str) -> None:
         self.metrics = {hp: {n: RunningMetrics(s.width) for n, s in d.items()} for hp, d in self.saes.items()}
@@ -62,7 +62,7 @@ class EvalJob:
     def capture(self, payload: dict) -> list[str]:
         mode = payload["mode"][0]
         if mode == "clean":
-            return list(dict.fromkeys(self.hookpoints + self.resume_from))
+            return list(dict.fromkeys(self.hookpoints + [f"resid_pre.{L}" for L in self.kept_layers]))
         return self.hookpoints if mode == "values" else []
 
     def resume(self, payload: dict):
@@ -111,7 +111,7 @@ class EvalJob:
             return
         if mode == "clean":
             # copies here and in resume (cheap next to a block): no block may write into a kept state
-            self._kept = {int(name.split(".")[1]): acts[name].clone() for name in self.resume_from}
+            self._kept = {L: acts[f"resid_pre.{L}"].clone() for L in self.kept_layers}
         keep_t = torch.from_numpy(np.array(payload["keep"])).to(self.device)
         y = payload.get("y")
         y = torch.from_numpy(np.array(y)) if y is not None and self.n_concepts else None
@@ -149,3 +149,12 @@ class EvalJob:
     def finish(self, item: str) -> dict:
         values = {hp: {n: (torch.cat(v[0]), torch.cat(v[1])) for n, v in d.items()} for hp, d in self.values.items()}
         return {"losses": self.losses, "metrics": self.metrics, "counts": self.counts, "values": values}
+
+
+def add_losses(sums: dict[tuple, list], losses: dict) -> None:
+    """Add one item's ``losses`` (mode -> [nll sum, tokens, KL sum], from :meth:`EvalJob.finish`)
+    into ``sums``."""
+    for mode, v in losses.items():
+        s = sums.setdefault(tuple(mode), [0.0, 0, 0.0])
+        for i in range(3):
+            s[i] += v[i]

@@ -59,7 +59,7 @@ def run(ctx: TargetContext, inputs: dict) -> EvalResult:
     from ..harvest.stage import plan
     from ..models.pool import Item, Load, ModelPool
     from ..models.shard import route
-    from .job import EvalJob
+    from .job import EvalJob, add_losses
 
     spec, target = ctx.spec, ctx.target
     trained = inputs["train"]
@@ -98,10 +98,7 @@ def run(ctx: TargetContext, inputs: dict) -> EvalResult:
 
     def on_item(_key: str, parts: list[dict]) -> None:
         for part in parts:
-            for mode, v in part["losses"].items():
-                s = sums.setdefault(tuple(mode), [0.0, 0, 0.0])
-                for i in range(3):
-                    s[i] += v[i]
+            add_losses(sums, part["losses"])
             for hp, d in part["metrics"].items():
                 for n, m in d.items():
                     metrics.setdefault(hp, {})[n] = metrics[hp][n].merge(m) if n in metrics.get(hp, {}) else m
