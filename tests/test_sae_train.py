@@ -103,6 +103,28 @@ def test_gba_tracks_group_frequencies_without_l1(trained):
     assert float(sae.bias.max()) <= 0.0 and float(sae.bias.min()) >= -1.0
 
 
+def test_gba_scales_each_groups_direction_step():
+    """One step from the same weights and batch with and without step_balance: group 0's rows move
+    alike, a group with target p moves (HTF/p)^0.5 as far (the trainer applies the per-row factor)."""
+    cfg = TrainConfig(tokens=4 * B, batch_size=B, lr=1e-3, warmup_steps=0, checkpoint_every=0, log_every=1)
+    opts = {"ltf": 1e-3, "every": 1000}
+    vs = [Variant("gba", 64, seed=0, name="flat", opts={**opts, "step_balance": 0.0}),
+          Variant("gba", 64, seed=0, name="balanced", opts=opts)]
+    tr = MultiTrainer(PF.d, vs, cfg)
+    tr.init_from_data(PF.batch(0, cfg.init_tokens))
+    before = tr.saes["flat"].W.detach().clone()
+    assert torch.equal(before, tr.saes["balanced"].W)
+    tr.step(PF.batch(1, B))
+    moved = {k: (s.W.detach() - before).norm(dim=1) for k, s in tr.saes.items()}
+    sae = tr.saes["balanced"]
+    want = (sae.htf / sae.target) ** 0.5
+    live = moved["flat"] > 1e-6                       # rows that fired in the batch
+    assert live.sum() > 20 and want.max() > 9
+    ratio = moved["balanced"][live] / moved["flat"][live]
+    assert torch.allclose(ratio, want[live], rtol=0.05), torch.stack([ratio, want[live]])
+    assert tr.saes["flat"].row_step_scale() is None
+
+
 def _final_weights(res):
     return {k: {n: t.detach().clone() for n, t in s.state_dict().items()} for k, (s, _) in res.items()}
 

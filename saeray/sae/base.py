@@ -129,6 +129,11 @@ class SAE(nn.Module):
         W = self.W_dec.detach().float()
         return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
+    def row_step_scale(self) -> Tensor | None:
+        """Per-row factor on the optimizer's step of :meth:`decoder_param` (a per-latent learning
+        rate; Adam's state is untouched), or None for one rate for all rows (every method but GBA)."""
+        return None
+
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
         W = self.decoder_param()

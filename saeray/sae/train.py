@@ -268,7 +268,14 @@ class MultiTrainer:
                 sae.remove_parallel_grad()
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+            scale = sae.row_step_scale()
+            if scale is not None:
+                W = sae.decoder_param()
+                before = W.detach().clone()
             opt.step()
+            if scale is not None:
+                with torch.no_grad():
+                    W.copy_(torch.lerp(before, W, scale[:, None].to(W.dtype)))
             self.scheds[name].step()
             if sae.unit_norm_decoder:
                 sae.normalize_decoder()
