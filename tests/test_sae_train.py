@@ -104,12 +104,12 @@ def test_gba_tracks_group_frequencies_without_l1(trained):
 
 
 def test_gba_scales_each_groups_direction_step():
-    """One step from the same weights and batch with and without step_balance: group 0's rows move
-    alike, a group with target p moves (HTF/p)^0.5 as far (the trainer applies the per-row factor)."""
+    """One step from the same weights and batch with step_balance 0 (the default) and 0.5: group 0's
+    rows move alike, a group with target p moves (HTF/p)^0.5 as far (the trainer applies the factor)."""
     cfg = TrainConfig(tokens=4 * B, batch_size=B, lr=1e-3, warmup_steps=0, checkpoint_every=0, log_every=1)
     opts = {"ltf": 1e-3, "every": 1000}
     vs = [Variant("gba", 64, seed=0, name="flat", opts={**opts, "step_balance": 0.0}),
-          Variant("gba", 64, seed=0, name="balanced", opts=opts)]
+          Variant("gba", 64, seed=0, name="balanced", opts={**opts, "step_balance": 0.5})]
     tr = MultiTrainer(PF.d, vs, cfg)
     tr.init_from_data(PF.batch(0, cfg.init_tokens))
     before = tr.saes["flat"].W.detach().clone()
@@ -122,7 +122,7 @@ def test_gba_scales_each_groups_direction_step():
     assert live.sum() > 20 and want.max() > 9
     ratio = moved["balanced"][live] / moved["flat"][live]
     assert torch.allclose(ratio, want[live], rtol=0.05), torch.stack([ratio, want[live]])
-    assert tr.saes["flat"].row_step_scale() is None
+    assert tr.saes["flat"].row_step_scale() is None and ARCHS["gba"](PF.d, 64).row_step_scale() is None
 
 
 def _final_weights(res):

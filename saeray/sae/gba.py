@@ -62,20 +62,20 @@ Defaults and where each comes from (docs/benchmarks.md, "Recovery across a famil
   controller), and 0.99-1.00 at 2e-2 and at 4e-2 (run-sized). Between 2e-2 and 4e-2: 0.70 vs 0.62
   on a rare-feature, heavy-tailed setting, 0.69 vs 0.75 on a d = 32, 8× superposition one; 2e-2
   was kept. The trainer's warm-up and linear decay to 0 apply.
-* Per-group step size, ``step_balance`` = 0.5 (ours, not the paper's): the optimizer's step on
-  neuron m's direction w_m is multiplied by (HTF / p_k)^0.5, so group 0 moves at the learning rate
-  and the 1e-4 group at ~32×; the output scales a and Adam's state are untouched
-  (:meth:`row_step_scale`, applied by the trainer). A neuron's direction learns only from the
-  tokens it fires on, so at one learning rate the low-target groups barely leave their random
-  start within a run. Measured on the family's d32-8x (1M tokens, one seed): with one rate, groups
-  5-9 (targets ≤ 2.2e-3, half the neurons) ended with a best cosine to any true feature of
-  0.44-0.48, what an untrained unit vector in d = 32 gets, and recovered no feature; the rarest
-  frequency quartile was 3 % recovered, FRR@0.9 0.43. With the balance, groups 3-7 recovered 73
-  features, the rarest quartile 44 %, FRR@0.9 0.74. At 1M tokens exponent 0.5 beat 0.25 on 5 of 6
-  settings. At 3M tokens (one seed, before → after): d32-easy 0.94 → 0.95, d32-8x 0.72 → 0.84,
-  d96-mid 0.97 → 0.98, d96-w1 0.52 → 0.64; it costs the heavy-tailed rare setting d96-rare-heavy
-  (0.70 → 0.62), where the low groups' larger steps follow the magnitude outliers of frequent
-  features (docs/benchmarks.md has the two-seed family). 0 restores one rate for all.
+* Per-group step size, ``step_balance`` (ours, not the paper's; off, 0, by default): the optimizer's
+  step on neuron m's direction w_m is multiplied by (HTF / p_k)^step_balance, so at 0.5 group 0
+  moves at the learning rate and the 1e-4 group at ~32×; the output scales a and Adam's state are
+  untouched (:meth:`row_step_scale`, applied by the trainer). Why it exists: a neuron's direction
+  learns only from the tokens it fires on, so at one learning rate the low-target groups barely
+  leave their random start. On the family's d32-8x (1M tokens, one seed) groups 5-9 (targets
+  ≤ 2.2e-3, half the neurons) ended with a best cosine to any true feature of 0.44-0.48, what an
+  untrained unit vector in d = 32 gets, and recovered no feature (rarest frequency quartile 3 %
+  recovered, FRR@0.9 0.43); at 0.5 groups 3-7 recovered 73 features (rarest quartile 44 %, FRR@0.9
+  0.74). Why it is off: across the family (3M tokens, two seeds) 0.5 raised recovery on 5 settings
+  and lowered it on 3 (mean 0.699 → 0.712; d96-rare-heavy 0.71 → 0.63), met no target the default
+  misses, cost MCC on SAELens's suite (0.826 → 0.770) and, on the storyworld model's residual
+  stream, CE loss recovered at every layer (e.g. 0.985 → 0.964, 0.917 → 0.888) at a lower FVU.
+  docs/benchmarks.md, "GBA's step per group".
 * φ = ReLU (the theory's activation) by default, so the trained SAE *is* a standard ReLU SAE
   (W_enc = Wᵀ, b_enc = b, W_dec = diag(a) W, b_dec = b_pre) and is saved as SAELens ``standard``.
   ``act="jumprelu"`` is our reading of the paper's LLM runs: the bias only gates,
@@ -114,7 +114,7 @@ class GBASAE(SAE):
 
     def __init__(self, d_in: int, width: int, groups: int = 10, htf: float = 0.1, ltf: float = 1e-4,
                  gamma_up: float | None = None, gamma_down: float | None = None, every: int | None = None,
-                 eps: float = 1e-6, train_b_pre: bool = False, act: str = "relu", step_balance: float = 0.5):
+                 eps: float = 1e-6, train_b_pre: bool = False, act: str = "relu", step_balance: float = 0.0):
         super().__init__(d_in, width)
         if act not in ("relu", "jumprelu"):
             raise ValueError(f"act='{act}' must be 'relu' or 'jumprelu'")
