@@ -74,7 +74,8 @@ Defaults and where each comes from (docs/benchmarks.md, "Recovery across a famil
   0.74). Why it is off: across the family (3M tokens, two seeds) 0.5 raised recovery on 5 settings
   and lowered it on 3 (mean 0.699 → 0.712; d96-rare-heavy 0.71 → 0.63), met no target the default
   misses, cost MCC on SAELens's suite (0.826 → 0.770) and, on the storyworld model's residual
-  stream, CE loss recovered at every layer (e.g. 0.985 → 0.964, 0.917 → 0.888) at a lower FVU.
+  stream, CE loss recovered at every layer (e.g. 0.985 → 0.964, 0.917 → 0.888) at a lower FVU;
+  on SmolLM2 it was about even (CE loss recovered 0.983 → 0.978, 0.953 → 0.953, 0.928 → 0.930).
   docs/benchmarks.md, "GBA's step per group".
 * φ = ReLU (the theory's activation) by default, so the trained SAE *is* a standard ReLU SAE
   (W_enc = Wᵀ, b_enc = b, W_dec = diag(a) W, b_dec = b_pre) and is saved as SAELens ``standard``.
