@@ -452,6 +452,7 @@ def train(
     l1: Optional[float] = typer.Option(None, "--l1", help="sparsity coefficient (relu, gated: L1; jumprelu: L0)"),
     htf: Optional[float] = typer.Option(None, "--htf", help="gba: highest target frequency (default 0.1; docs/training.md)"),
     ltf: Optional[float] = typer.Option(None, "--ltf", help="gba: lowest target frequency (default 1e-4)"),
+    k_aux: Optional[int] = typer.Option(None, "--k-aux", help="topk, batchtopk: dead latents AuxK uses (default d_in/2; 2k when k is small, docs/training.md)"),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="training tokens (default: one pass over the data)"),
     batch_size: int = typer.Option(1024, "--batch-size"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default: the architecture's own, docs/training.md)"),
@@ -461,7 +462,7 @@ def train(
     json_out: bool = typer.Option(False, "--json", help="print the result as one JSON line last"),
 ) -> None:
     """Train one SAE on stored activations; print the output path and final metrics."""
-    from .sae.registry import gba_range
+    from .sae.registry import check_k_aux, gba_range
     from .sae.run import train_on_activations
 
     if tokens is not None and tokens < 1:
@@ -470,7 +471,8 @@ def train(
         raise InputError(f"--batch-size {batch_size} must be positive")
     if k is not None and k == int(k):
         k = int(k)   # a whole k is recorded as an integer, as the spec records it
-    opts = gba_range(htf, ltf)
+    check_k_aux(arch, k_aux)
+    opts = gba_range(htf, ltf) | ({"k_aux": k_aux} if k_aux is not None else {})
     res = train_on_activations(activations, arch, width, out, k=k, l1=l1, tokens=tokens, batch_size=batch_size,
                                lr=lr, seed=seed, device=device, checkpoint_every=checkpoint_every, opts=opts)
     m = res["metrics"]

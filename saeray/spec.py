@@ -132,11 +132,13 @@ class SAEVariant(_Strict):
                                  "to the densest feature frequency you expect when that is far from 0.1 (every "
                                  "feature rarer than ~1 %, or some denser than 10 %; docs/training.md)")
     ltf: Optional[float] = Field(None, gt=0, lt=1, description="gba: lowest target frequency, default 1e-4")
-    OPTIONS: ClassVar[tuple[str, ...]] = ("htf", "ltf")   # the fields beyond k and l1 (Variant.opts)
+    k_aux: Optional[int] = Field(None, ge=1, description="topk, batchtopk: dead latents the AuxK loss rebuilds the "
+                                 "residual with, default d_in/2; 2k recovers more when k is small (docs/training.md)")
+    OPTIONS: ClassVar[tuple[str, ...]] = ("htf", "ltf", "k_aux")   # the fields beyond k and l1 (Variant.opts)
 
     @model_serializer(mode="wrap")
     def _drop_unset_range(self, handler):
-        # a variant without a GBA range dumps exactly as before the fields existed, so the spec hash
+        # a variant without these options dumps exactly as before the fields existed, so the spec hash
         # (and every stage key) of existing runs is unchanged and they resume
         d = handler(self)
         for f in self.OPTIONS:
@@ -151,10 +153,11 @@ class SAEVariant(_Strict):
     @model_validator(mode="after")
     def _needs(self) -> "SAEVariant":
         from .errors import InputError
-        from .sae.registry import NEEDS_K, NEEDS_L1, check_gba_range
+        from .sae.registry import NEEDS_K, NEEDS_L1, check_gba_range, check_k_aux
 
         try:
             check_gba_range(self.arch, self.htf, self.ltf)
+            check_k_aux(self.arch, self.k_aux)
         except InputError as e:
             raise ValueError(str(e)) from None
 

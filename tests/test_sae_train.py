@@ -249,8 +249,10 @@ def test_train_cli_and_audit_unit_give_the_same_sae(tmp_path):
     from saeray.train.unit import UnitConfig, train_unit
 
     run, hp = _harvested_run(tmp_path)
-    # a GBA with its range moved (sae.architectures[].htf / --htf) takes the same path
-    archs = [("gba", None, None, {}), ("topk", 4, None, {}), ("jumprelu", None, 0.03, {}), ("gba", None, None, {"htf": 0.01})]
+    # a GBA with its range moved (sae.architectures[].htf / --htf) and a TopK with its AuxK sized
+    # (k_aux / --k-aux) take the same path
+    archs = [("gba", None, None, {}), ("topk", 4, None, {}), ("jumprelu", None, 0.03, {}), ("gba", None, None, {"htf": 0.01}),
+             ("topk", 4, None, {"k_aux": 2})]
     unit = train_unit(UnitConfig(run_url=run.url, store_options={}, hookpoint=hp, tokens=6000, batch_size=256,
                                  variants=[{"arch": a, "width": 32, "k": k, "l1": l1, "opts": o} for a, k, l1, o in archs]))
     for a, k, l1, o in archs:
@@ -266,7 +268,8 @@ def test_train_cli_and_audit_unit_give_the_same_sae(tmp_path):
         cfg_unit = json.loads(open(run.path(f"saes/{hp}/{name}/saeray.json")).read())
         assert cfg_cli["hparams"] == cfg_unit["hparams"], name
         assert cli["tokens"] == unit[name]["tokens"] == 6000
-    assert set(unit) == {"gba-w32", "topk-w32-k4", "jumprelu-w32-l10.03", "gba-w32-htf0.01"}
+    assert set(unit) == {"gba-w32", "topk-w32-k4", "jumprelu-w32-l10.03", "gba-w32-htf0.01", "topk-w32-k4-k_aux2"}
+    assert json.loads((tmp_path / "cli-topk-w32-k4-k_aux2" / "saeray.json").read_text())["hparams"]["k_aux"] == 2
     moved = json.loads((tmp_path / "cli-gba-w32-htf0.01" / "saeray.json").read_text())["hparams"]
     assert moved["htf"] == 0.01 and moved["ltf"] == 1e-4
     gba = json.loads((tmp_path / "cli-gba-w32" / "saeray.json").read_text())

@@ -77,6 +77,12 @@ BROKEN = {
                               ["sae.architectures[1]", "0 < ltf < htf <= 1", "htf=0.1, ltf=0.2"]),
     "gba_htf_zero": (GOOD.replace("{arch: relu, width: 64, l1: 1.0}", "{arch: gba, width: 64, htf: 0}"),
                      ["sae.architectures[1].htf", "must be greater than 0"]),
+    "k_aux_on_relu": (GOOD.replace("width: 64, l1: 1.0", "width: 64, l1: 1.0, k_aux: 2"),
+                      ["sae.architectures[1]", "'relu' takes no k_aux", "AuxK loss of batchtopk and topk"]),
+    "k_aux_zero": (GOOD.replace("width: 64, k: 4", "width: 64, k: 4, k_aux: 0"),
+                   ["sae.architectures[0].k_aux", "greater than or equal to 1"]),
+    "k_aux_fraction": (GOOD.replace("width: 64, k: 4", "width: 64, k: 4, k_aux: 2.5"),
+                       ["sae.architectures[0].k_aux", "integer"]),
 }
 
 
@@ -161,3 +167,26 @@ def test_gba_range_in_the_spec_and_old_hashes_kept():
     with pytest.raises(InputError, match="appear twice"):
         variants_from_spec(parse_spec(GOOD.replace("{arch: relu, width: 64, l1: 1.0}",
                                                    "{arch: gba, width: 64, htf: 0.01}\n    - {arch: gba, width: 64, htf: 0.01}")).sae)
+
+
+def test_k_aux_in_the_spec_reaches_the_sae():
+    """A TopK/BatchTopK variant may size its AuxK loss (docs/training.md: 2k when k is small); the
+    option travels as the variant's opts into the SAE the trainer builds, and into its folder name."""
+    from saeray.sae.train import Variant
+    from saeray.sae.registry import build
+    from saeray.train.unit import variant_name, variants_from_spec
+
+    s = parse_spec(GOOD.replace("{arch: relu, width: 64, l1: 1.0}",
+                                "{arch: topk, width: 64, k: 4, k_aux: 8}\n    - {arch: batchtopk, width: 64, k: 1.5, k_aux: 3}"))
+    vs = variants_from_spec(s.sae)
+    assert [variant_name(v) for v in vs] == ["topk-w64-k4", "topk-w64-k4-k_aux8", "batchtopk-w64-k1.5-k_aux3"]
+    assert "opts" not in vs[0] and vs[1]["opts"] == {"k_aux": 8}
+    assert s.model_dump(mode="json")["sae"]["architectures"][0] == {"arch": "topk", "width": 64, "k": 4, "l1": None}
+    saes = [build(v["arch"], 32, v["width"], k=v["k"], **v.get("opts", {})) for v in vs]
+    assert [sae.k_aux for sae in saes] == [16, 8, 3]           # unset: d_in / 2
+    assert [sae.hparams()["k_aux"] for sae in saes] == [16, 8, 3]
+    with pytest.raises(InputError, match="'gba' takes no k_aux"):
+        build("gba", 32, 64, k_aux=2)
+    with pytest.raises(InputError, match="whole number >= 1"):
+        build("topk", 32, 64, k=4, k_aux=1.5)
+    assert Variant("topk", 64, k=4, opts={"k_aux": 8}).name == "topk-w64-k4-k_aux8"

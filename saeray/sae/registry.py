@@ -41,6 +41,7 @@ def build(arch: str, d_in: int, width: int, k: float | None = None, l1: float | 
         raise InputError(f"architecture '{arch}' takes no l1 coefficient"
                          + (" (GBA controls sparsity by bias adaptation)" if arch == "gba" else ""))
     check_gba_range(arch, kw.get("htf"), kw.get("ltf"))
+    check_k_aux(arch, kw.get("k_aux"))
     try:
         return ARCHS[arch](d_in, width, **kw)
     except TypeError as e:
@@ -69,3 +70,16 @@ def check_gba_range(arch: str, htf: float | None, ltf: float | None) -> None:
     if not 0 < lo < hi <= 1:
         raise InputError(f"GBA's target range must satisfy 0 < ltf < htf <= 1; got htf={hi:g}, ltf={lo:g} "
                          "(htf: the densest feature frequency you expect, default 0.1; ltf the rarest, default 1e-4)")
+
+
+def check_k_aux(arch: str, k_aux: float | None) -> None:
+    """``k_aux``, the dead latents AuxK rebuilds the residual with, belongs to the architectures that
+    have AuxK (topk, batchtopk) and is a whole number >= 1 (docs/training.md: 2k when k is small)."""
+    if k_aux is None:
+        return
+    if arch not in NEEDS_K:
+        raise InputError(f"architecture '{arch}' takes no k_aux; k_aux sizes the AuxK loss of "
+                         f"{' and '.join(sorted(NEEDS_K))}")
+    if isinstance(k_aux, bool) or k_aux != int(k_aux) or k_aux < 1:
+        raise InputError(f"k_aux={k_aux}: the number of dead latents AuxK uses must be a whole number >= 1 "
+                         "(default d_in/2; 2k when k is small, docs/training.md)")

@@ -65,7 +65,7 @@ def variants_from_spec(sae_spec) -> list[dict]:
         from ..errors import InputError
 
         raise InputError(f"sae.architectures: variants {sorted(dup)} appear twice; each (arch, width, k, l1, htf, "
-                         "ltf) must be unique")
+                         "ltf, k_aux) must be unique")
     return out
 
 
