@@ -6,16 +6,17 @@ autoencoders", arXiv 2406.04093; openai/sparse_autoencoder train.py; methods.md 
     ê = W_decᵀ ReLU(TopK_{k_aux}(pre restricted to dead latents))
 
 A latent is dead when it has not fired for ``dead_tokens`` tokens (paper: 10M; the trainer sets it
-from ``TrainConfig.dead_window_tokens``). α = 1/32. ``k_aux`` defaults to d_in/2 (dictionary_learning's
-reading of App. B.1; the OpenAI release uses 256), capped at the number of dead latents. With a
-small k (1-4) ``k_aux = 2k`` recovered more planted features (d = 32, k = 1: 0.836 → 0.883; as much
-or more on all 8 family settings); our reading: the residual of a k = 1 code is mostly one missed
-feature, which two dead latents can take and sixteen only share. On storyworld and SmolLM2 activations it made no measurable difference
-(held-out FVU within 5e-5); it is not the default yet because it would change the audits' SAEs and
-every figure measured with them (docs/benchmarks.md, "TopK against the floor"). Decoder rows
-unit-norm with the parallel gradient removed; tied init; b_dec from the geometric median (trainer).
-Our main term is the squared error on inputs scaled to E‖x‖² = 1, which plays the role of the paper's
-normalised MSE.
+from ``TrainConfig.dead_window_tokens``). α = 1/32. ``k_aux`` defaults to d_in/2
+(dictionary_learning's reading of App. B.1; the OpenAI release uses 256), capped at the number of
+dead latents. With a small k ``k_aux = 2k`` recovered more planted features where k = 1 (family
+d32-8x-rare, two seeds: 0.834 → 0.881, level with the plain reference loop) and moved the other
+settings by at most 0.006; our reading: the residual of a k = 1 code is mostly one missed feature,
+which two dead latents can take and sixteen only share. On storyworld and SmolLM2 activations it
+made no measurable difference (held-out FVU within 5e-5); it is not the default yet because it would
+change the audits' SAEs and every figure measured with them (docs/benchmarks.md, "TopK against the
+floor"). Decoder rows unit-norm with the parallel gradient removed; tied init; b_dec from the
+geometric median (trainer). Our main term is the squared error on inputs scaled to E‖x‖² = 1, which
+plays the role of the paper's normalised MSE.
 
 Decoding (training and inference, main and AuxK terms) is sparse: the top-k (values, indices) the
 encoder selects go straight to :func:`saeray.sae.sparse_decode.decode_topk` instead of a dense
