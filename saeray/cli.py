@@ -462,7 +462,7 @@ def train(
     json_out: bool = typer.Option(False, "--json", help="print the result as one JSON line last"),
 ) -> None:
     """Train one SAE on stored activations; print the output path and final metrics."""
-    from .sae.registry import gba_range
+    from .sae.registry import given_opts
     from .sae.run import train_on_activations
 
     if tokens is not None and tokens < 1:
@@ -471,7 +471,7 @@ def train(
         raise InputError(f"--batch-size {batch_size} must be positive")
     if k is not None and k == int(k):
         k = int(k)   # a whole k is recorded as an integer, as the spec records it
-    opts = gba_range(htf, ltf) | ({"k_aux": k_aux} if k_aux is not None else {})
+    opts = given_opts(htf=htf, ltf=ltf, k_aux=k_aux)
     res = train_on_activations(activations, arch, width, out, k=k, l1=l1, tokens=tokens, batch_size=batch_size,
                                lr=lr, seed=seed, device=device, checkpoint_every=checkpoint_every, opts=opts)
     m = res["metrics"]

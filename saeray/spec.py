@@ -148,7 +148,9 @@ class SAEVariant(_Strict):
 
     def opts(self) -> dict:
         """Architecture options beyond k and l1 (``Variant.opts``)."""
-        return {f: getattr(self, f) for f in self.OPTIONS if getattr(self, f) is not None}
+        from .sae.registry import given_opts
+
+        return given_opts(**{f: getattr(self, f) for f in self.OPTIONS})
 
     @model_validator(mode="after")
     def _needs(self) -> "SAEVariant":

@@ -112,7 +112,7 @@ def run(a: argparse.Namespace) -> dict:
     from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig, train_toy_sae
 
     from ..sae import io as sio
-    from ..sae.registry import gba_range
+    from ..sae.registry import given_opts
     from ..sae.train import TrainConfig, Variant, fit, opts_suffix
     from .recovery_family import batchtopk_k
 
@@ -200,7 +200,7 @@ def run(a: argparse.Namespace) -> dict:
         # BatchTopK's k is the mean per token, the data's L0 itself (docs/training.md)
         kv = {"topk": k, "batchtopk": a.k or batchtopk_k(true_l0)}.get(arch)
         l1 = L1.get(arch)
-        opts = gba_range(a.htf, a.ltf) if arch == "gba" else {}
+        opts = given_opts(htf=a.htf, ltf=a.ltf) if arch == "gba" else {}
         name = f"saeray-{arch}{opts_suffix(opts)}"
         cfg = TrainConfig.for_run(tokens, bs)
         print(f"train: saeray {arch}, {tokens:,} rows", flush=True)

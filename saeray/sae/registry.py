@@ -48,15 +48,17 @@ def build(arch: str, d_in: int, width: int, k: float | None = None, l1: float | 
         raise InputError(f"architecture '{arch}': {e}") from None
 
 
-def gba_range(htf: float | None, ltf: float | None) -> dict:
-    """The GBA range a user gave, unset ends left out: the ``Variant.opts`` of a GBA variant."""
-    return {n: v for n, v in (("htf", htf), ("ltf", ltf)) if v is not None}
+def given_opts(**opts) -> dict:
+    """The architecture options a user set (``htf``, ``ltf``, ``k_aux``), unset ones left out: a
+    ``Variant.opts``. The spec and ``saeray train`` both build theirs here, so an unset option never
+    reaches the SAE's name, hparams or spec hash."""
+    return {n: v for n, v in opts.items() if v is not None}
 
 
 def check_gba_range(arch: str, htf: float | None, ltf: float | None) -> None:
     """GBA's target-frequency range (the one GBA setting docs/training.md has a user move): ``htf``/``ltf``
     are GBA's only and, with the defaults filled in, 0 < ltf < htf <= 1."""
-    given = gba_range(htf, ltf)
+    given = given_opts(htf=htf, ltf=ltf)
     if not given:
         return
     if arch != "gba":
