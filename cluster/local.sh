@@ -30,6 +30,9 @@ case "${1:-}" in
     echo "$tmp" > "$dir/tempdir"
     export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0
     export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.2}
+    # on SIGTERM Ray drains the node (up to 30 s by default) so Serve can move its replicas; a local head
+    # has none, and once a job has run the drain waited out all 30 s, so `stop` took half a minute
+    export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-5}
     "$ray_bin" start --head --block --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 \
       --port "$port" --dashboard-port "$dport" --num-cpus "${RAY_NUM_CPUS:-$(nproc)}" \
       --dashboard-agent-listen-port "${RAY_AGENT_PORT:-52365}" --ray-client-server-port "${RAY_CLIENT_PORT:-10001}" \

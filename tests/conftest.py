@@ -76,7 +76,24 @@ def ray_local(moto_endpoint, tmp_path_factory):
 
     DataContext.get_current().enable_progress_bars = False
     yield ray
+    import psutil
+
+    # Ray's processes are this session's children; a Ray Train controller has outlived ray.shutdown()
+    # here as an orphan (400 MB, for good), so whatever of ours is still up after a grace is killed
+    ours = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "ray" in " ".join(p.cmdline()):    # not moto's or the LLM server's: their fixtures stop them
+                ours.append(p)
+        except psutil.Error:
+            pass
     ray.shutdown()
+    _, alive = psutil.wait_procs(ours, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 @pytest.fixture

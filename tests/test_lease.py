@@ -254,9 +254,10 @@ def _refused(gcs: str, spec: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_audits_one_run_name_then_kill_expire_resume(ray_local, tiny_model, tmp_path):
-    # B and C must both start up and be refused within one TTL (each up to ~30 s on a loaded 2-core
-    # machine) while A, paused, no longer renews; the test then waits the rest of the TTL out
-    lease_s = 120.0
+    # A, paused, no longer renews; B and C must both start up and be refused before its lease expires:
+    # at most ttl/4 since A's last renewal, then B, 2 s, C (each 3.6-3.8 s here, 2026-12-05), so 60 s
+    # leaves ~3x their time; the test then waits the rest of the TTL out
+    lease_s = 60.0
     store = tmp_path / "store"
     root = store / "lz"
     spec = tmp_path / "spec.yaml"

@@ -43,6 +43,8 @@ def ray_env() -> dict:
 
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0", "OMP_WAIT_POLICY": "PASSIVE", **_TRAIN_ENV,
+           # as cluster/local.sh: no Serve replicas to drain, so SIGTERM need not wait Ray's 30 s
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5",
            "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     return env
