@@ -8,7 +8,7 @@
 #
 # Settings (environment): RAY_PORT (6380), RAY_DASHBOARD_PORT (8265), RAY_NUM_CPUS (all cores),
 # RAY_AGENT_PORT (52365: the job agent; give another when a second Ray runs on this machine),
-# RAY_CLIENT_PORT (10001),
+# RAY_CLIENT_PORT (10001), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (5: how long `stop` lets Ray drain),
 # SAERAY_RAY_DIR (state: pid file, logs, Ray temp dir; default ./.ray-local). Start it from the
 # project's venv (or with .venv/bin first on PATH): jobs run with the `python` the head was started with.
 set -euo pipefail
