@@ -700,6 +700,41 @@ def bench_saelens(
         raise SaerayError(f"bench saelens: the benchmark process ({py}) exited with {rc}")
 
 
+@bench_app.command("saelens-family")
+def bench_saelens_family(
+    out: str = typer.Option("./runs/bench-saelens-family", "--out", help="folder for result.json"),
+    settings: str = typer.Option("", "--settings", help="comma list of the recovery family's settings (default: all 8)"),
+    tokens: int = typer.Option(3_000_000, "--tokens", min=1, help="training tokens per SAE (the family's budget)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="SAELens's learning rate (default: its train_toy_sae's, 3e-4); "
+                                       "saeray keeps its own defaults"),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads, the same for both libraries"),
+    venv: Optional[str] = typer.Option(None, "--venv", help="benchmark virtualenv (as for bench saelens)"),
+    json_out: bool = typer.Option(False, "--json", help="print the result as one JSON line last"),
+) -> None:
+    """SAELens's TopK and BatchTopK beside saeray's on the recovery family's planted settings (one
+    seed each, scored like `bench recovery --family`): whether a family result is the method's or
+    saeray's code. sae-lens runs in its own virtualenv, as for `bench saelens`."""
+    from .bench.recovery_family import FAMILY
+    from .bench.saelens_env import FAMILY_MODULE, ensure_env, run_side
+
+    known = [s.name for s in FAMILY]
+    bad = [n.strip() for n in settings.split(",") if n.strip() and n.strip() not in known]
+    if bad:
+        raise InputError(f"--settings: unknown setting {bad[0]!r}; the family's: {', '.join(known)}")
+    if lr is not None and not lr > 0:
+        raise InputError(f"--lr {lr} must be positive")
+    py = ensure_env(venv)
+    args = ["--out", out, "--settings", settings, "--tokens", str(tokens), "--threads", str(threads)]
+    if lr is not None:
+        args += ["--lr", repr(lr)]
+    if json_out:
+        args.append("--json")
+    sys.stdout.flush()
+    rc = run_side(py, args, FAMILY_MODULE)
+    if rc != 0:
+        raise SaerayError(f"bench saelens-family: the benchmark process ({py}) exited with {rc}")
+
+
 # ---- dashboards export -----------------------------------------------------------------------
 
 

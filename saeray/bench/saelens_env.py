@@ -31,6 +31,7 @@ VENV_ENV = "SAERAY_BENCH_VENV"
 STAMP = ".saeray-bench-installed"
 CONSTRAINTS = "saeray-constraints.txt"
 SIDE_MODULE = "saeray.bench.saelens_side"
+FAMILY_MODULE = "saeray.bench.saelens_family"   # saeray bench saelens-family
 ARCHS = ("topk", "batchtopk", "gba", "relu", "gated", "jumprelu")   # saeray architectures the bench trains
 # saeray's sparsity coefficients for the L1/L0 architectures (jumprelu: L0 coefficient): the values of
 # saeray's own recovery benchmark (saeray/bench/recovery.py; inputs are scaled to E||x||^2 = 1 there
@@ -178,10 +179,10 @@ def side_env(base: dict | None = None) -> dict:
     return env
 
 
-def side_cmd(python: Path | str, args: Sequence[str]) -> list[str]:
-    return [str(python), "-m", SIDE_MODULE, *args]
+def side_cmd(python: Path | str, args: Sequence[str], module: str = SIDE_MODULE) -> list[str]:
+    return [str(python), "-m", module, *args]
 
 
-def run_side(python: Path | str, args: Sequence[str]) -> int:
-    """Run the benchmark body in the bench venv; its stdout/stderr are this process's (streamed)."""
-    return subprocess.run(side_cmd(python, args), env=side_env(), cwd=os.getcwd()).returncode
+def run_side(python: Path | str, args: Sequence[str], module: str = SIDE_MODULE) -> int:
+    """Run a benchmark body (``module``) in the bench venv; its stdout/stderr are this process's (streamed)."""
+    return subprocess.run(side_cmd(python, args, module), env=side_env(), cwd=os.getcwd()).returncode
