@@ -178,3 +178,63 @@ def test_bench_saelens_end_to_end(tmp_path):
     assert rows["saelens-topk"]["sae_l0"] == pytest.approx(t["k"], abs=0.01)
     # all were scored on the same held-out rows: the ground truth's L0 is identical across SAEs
     assert len({x["true_l0"] for x in rows.values()}) == 1
+
+
+# ---- saeray bench saelens-family ------------------------------------------------------------------
+
+def test_family_command_checks_input_before_installing(tmp_path):
+    venv = tmp_path / "venv"
+    for argv, needle in ((["--settings", "d32-easy,nope"], "unknown setting 'nope'"), (["--lr", "0"], "--lr")):
+        r = subprocess.run([sys.executable, "-m", "saeray", "bench", "saelens-family", "--venv", str(venv), *argv],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr
+        assert not venv.exists()
+    assert se.side_cmd("/v/bin/python", ["--json"], se.FAMILY_MODULE) == \
+        ["/v/bin/python", "-m", "saeray.bench.saelens_family", "--json"]
+
+
+def test_family_side_streams_the_family_batches_in_order():
+    import numpy as np
+
+    from saeray.bench.recovery_family import FAMILY
+    from saeray.bench.saelens_family import _Stream, pick
+
+    assert [s.name for s in pick("")] == [s.name for s in FAMILY]
+    assert [s.name for s in pick(" d256, d32-easy ")] == ["d256", "d32-easy"]
+    with pytest.raises(ValueError, match="unknown setting 'x'"):
+        pick("d256,x")
+    pf = FAMILY[0].planted()
+    st = _Stream(pf.batches(64, 192)())
+    got = [st(64) for _ in range(3)]
+    want = list(pf.batches(64, 192)())
+    assert st.rows == 192 and all(torch.equal(g, torch.as_tensor(w)) for g, w in zip(got, want))
+    assert got[0].dtype == torch.float32 and not np.allclose(want[0], want[1])
+    with pytest.raises(StopIteration):      # never more rows than the budget
+        st(64)
+    with pytest.raises(RuntimeError, match="batches hold 64"):
+        _Stream(pf.batches(64, 128)())(32)
+
+
+@pytest.mark.slow
+def test_bench_saelens_family_end_to_end(tmp_path):
+    """SAELens's and saeray's TopK and BatchTopK on one family setting, scored alike."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "saeray", "--log-level", "WARNING", "bench", "saelens-family",
+                        "--settings", "d32-easy", "--tokens", "102400", "--out", str(out), "--json"],
+                       capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    res = json.loads(lines[-1])
+    assert res == json.loads((out / "result.json").read_text())
+    assert any(ln.startswith("d32-easy") and "saelens-batchtopk" in ln for ln in lines[:-1])   # the table first
+    assert res["tokens"] == 102400 and res["settings"] == ["d32-easy"] and res["saelens_lr"] == 3e-4
+    rows = {x["name"]: x for x in res["rows"]}
+    assert list(rows) == ["saeray-topk", "saeray-batchtopk", "saelens-topk", "saelens-batchtopk"]
+    # the family's k rules on both sides: ceil(1.5 x 1.41) = 3 for TopK, the true L0 for BatchTopK
+    assert rows["saeray-topk"]["k"] == rows["saelens-topk"]["k"] == 3
+    assert rows["saeray-batchtopk"]["k"] == rows["saelens-batchtopk"]["k"] == pytest.approx(1.41, abs=0.01)
+    assert rows["saelens-topk"]["l0"] == pytest.approx(3.0) and rows["saeray-topk"]["l0"] <= 3.0
+    for x in rows.values():
+        assert 0 <= x["frr90"] <= x["frr80"] <= 1 and 0 < x["mean_best_cos"] <= 1 and 0 < x["mcc"] <= 1
+    # 100 steps are enough for every SAE to find some features at cosine 0.8 (an untrained one finds none)
+    assert all(x["frr80"] > 0 for x in rows.values()), rows
