@@ -498,7 +498,7 @@ def bench_recovery(
         from .bench.recovery_family import format_table as fmt_family, run_family
 
         res = run_family(out or "./runs/bench/recovery-family", tokens=tokens or 3_000_000, seeds=seeds,
-                         only=[x.strip() for x in settings.split(",") if x.strip()] if settings else None,
+                         only=settings,
                          address=state.address)
         show_bench(fmt_family(res), res, json_out)
     else:
@@ -714,13 +714,10 @@ def bench_saelens_family(
     """SAELens's TopK and BatchTopK beside saeray's on the recovery family's planted settings (one
     seed each, scored like `bench recovery --family`): whether a family result is the method's or
     saeray's code. sae-lens runs in its own virtualenv, as for `bench saelens`."""
-    from .bench.recovery_family import FAMILY
+    from .bench.recovery_family import pick_settings
     from .bench.saelens_env import FAMILY_MODULE, ensure_env, run_side
 
-    known = [s.name for s in FAMILY]
-    bad = [n.strip() for n in settings.split(",") if n.strip() and n.strip() not in known]
-    if bad:
-        raise InputError(f"--settings: unknown setting {bad[0]!r}; the family's: {', '.join(known)}")
+    pick_settings(settings)   # an unknown name: exit 2 before the venv is made
     if lr is not None and not lr > 0:
         raise InputError(f"--lr {lr} must be positive")
     py = ensure_env(venv)

@@ -196,13 +196,13 @@ def test_family_command_checks_input_before_installing(tmp_path):
 def test_family_side_streams_the_family_batches_in_order():
     import numpy as np
 
-    from saeray.bench.recovery_family import FAMILY
-    from saeray.bench.saelens_family import _Stream, pick
+    from saeray.bench.recovery_family import FAMILY, pick_settings
+    from saeray.bench.saelens_family import _Stream
 
-    assert [s.name for s in pick("")] == [s.name for s in FAMILY]
-    assert [s.name for s in pick(" d256, d32-easy ")] == ["d256", "d32-easy"]
-    with pytest.raises(ValueError, match="unknown setting 'x'"):
-        pick("d256,x")
+    assert [s.name for s in pick_settings("")] == [s.name for s in FAMILY]
+    assert [s.name for s in pick_settings(" d256, d32-easy ")] == ["d32-easy", "d256"]   # the family's order
+    with pytest.raises(InputError, match="unknown setting 'x'"):
+        pick_settings("d256,x")
     pf = FAMILY[0].planted()
     st = _Stream(pf.batches(64, 192)())
     got = [st(64) for _ in range(3)]

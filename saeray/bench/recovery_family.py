@@ -57,12 +57,20 @@ class Setting:
     def n(self) -> int:
         return self.per_dim * self.d
 
+    @property
+    def width(self) -> int:
+        return self.width_mult * self.n
+
     def planted(self):
         """The setting's planted features: its data stream and ground truth (seeded)."""
         from ..sae.synthetic import PlantedFeatures
 
         return PlantedFeatures(d=self.d, n=self.n, f_min=self.f_min, f_max=self.f_max, magnitude=self.magnitude,
                                corr_frac=self.corr_frac, noise=self.noise, seed=self.seed)
+
+    def eval_rows(self, pf) -> tuple[np.ndarray, np.ndarray]:
+        """The held-out rows every SAE of this setting is scored on: (activations, true codes)."""
+        return pf.sample(EVAL_ROWS, np.random.default_rng([self.seed, 99]))
 
 
 # Every axis the issue names appears at least twice; "held_out" settings were first run after the
@@ -79,6 +87,7 @@ FAMILY = [
     Setting("d256", 256, 2, 1e-3, 5e-2, width_mult=1, seed=8, held_out=True),
 ]
 
+EVAL_ROWS = 20_000
 L1S = {"relu": (1.0, 3.0), "gated": (1.0, 3.0), "jumprelu": (0.03, 0.1)}
 MAIN = ("topk", "batchtopk", "gba")
 
@@ -122,7 +131,7 @@ def run_setting(s: Setting, tokens: int, batch_size: int = 1024, seeds: int = 2)
 
     torch.set_num_threads(1)
     pf = s.planted()
-    width, k = s.width_mult * s.n, topk_k(pf.expected_l0())
+    width, k = s.width, topk_k(pf.expected_l0())
     ks = {"topk": k, "batchtopk": batchtopk_k(pf.expected_l0()), "gba": None}
     variants = [Variant(a, width, k=ks[a], seed=sd, name=f"{a}-s{sd}") for a in MAIN for sd in range(seeds)]
     variants += [Variant(a, width, l1=l1, seed=0, name=f"{a}-l1{l1:g}") for a, l1s in L1S.items() for l1 in l1s]
@@ -131,7 +140,7 @@ def run_setting(s: Setting, tokens: int, batch_size: int = 1024, seeds: int = 2)
     res = fit(pf.batches(batch_size, tokens), pf.d, variants, cfg, progress_desc=f"family {s.name}")
     t_fit = time.perf_counter() - t0
     refs = [train_reference_topk(pf.batches(batch_size, tokens)(0), s.d, width, k, seed=sd) for sd in range(seeds)]
-    x_eval, h_eval = pf.sample(20_000, np.random.default_rng([s.seed, 99]))
+    x_eval, h_eval = s.eval_rows(pf)
     xt = torch.as_tensor(x_eval)
     runs: dict[str, dict] = {}
     for v in variants:
@@ -182,17 +191,25 @@ def in_gba_range(s: Setting) -> bool:
     return lo <= s.f_min and s.f_max <= hi
 
 
-def run_family(out: str, tokens: int = 3_000_000, seeds: int = 2, only: list[str] | None = None,
-               address: str | None = None) -> dict:
-    """Every setting of :data:`FAMILY` (or those named in ``only``) as one Ray task each."""
-    from ..raycluster import connect
-
-    settings = [s for s in FAMILY if not only or s.name in only]
-    unknown = set(only or ()) - {s.name for s in FAMILY}
+def pick_settings(names: str | None) -> list[Setting]:
+    """The settings named in a comma list (all when empty), in the family's order; an unknown name
+    is an InputError naming the valid ones."""
+    want = {n.strip() for n in (names or "").split(",") if n.strip()}
+    unknown = sorted(want - {s.name for s in FAMILY})
     if unknown:
         from ..errors import InputError
 
-        raise InputError(f"--settings: unknown {sorted(unknown)}; valid: {', '.join(s.name for s in FAMILY)}")
+        raise InputError(f"--settings: unknown setting {', '.join(map(repr, unknown))}; the family's: "
+                         f"{', '.join(s.name for s in FAMILY)}")
+    return [s for s in FAMILY if not want or s.name in want]
+
+
+def run_family(out: str, tokens: int = 3_000_000, seeds: int = 2, only: str | None = None,
+               address: str | None = None) -> dict:
+    """Every setting of :data:`FAMILY` (or those named in the comma list ``only``) as one Ray task each."""
+    from ..raycluster import connect
+
+    settings = pick_settings(only)
     connect(address)   # before `import ray`: a local Ray reads its loopback settings at import time
     import ray
 

@@ -33,7 +33,8 @@ import time
 import numpy as np
 import torch
 
-from .recovery_family import FAMILY, Setting, _score, batchtopk_k, topk_k
+from ..errors import InputError
+from .recovery_family import Setting, _score, batchtopk_k, pick_settings, topk_k
 from .saelens_side import _Identity
 
 BATCH = 1024
@@ -49,15 +50,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     p.add_argument("--json", action="store_true")
     return p
-
-
-def pick(names: str) -> list[Setting]:
-    want = [n.strip() for n in names.split(",") if n.strip()]
-    known = {s.name: s for s in FAMILY}
-    bad = [n for n in want if n not in known]
-    if bad:
-        raise ValueError(f"unknown setting {bad[0]!r}; the family's: {', '.join(known)}")
-    return [known[n] for n in want] if want else list(FAMILY)
 
 
 class _Stream:
@@ -88,9 +80,9 @@ def run_setting(s: Setting, tokens: int, lr: float) -> list[dict]:
     from ..sae.train import TrainConfig, Variant, fit
 
     pf = s.planted()
-    width, l0 = s.width_mult * s.n, pf.expected_l0()
+    width, l0 = s.width, pf.expected_l0()
     ks = {"topk": topk_k(l0), "batchtopk": batchtopk_k(l0)}
-    x_eval, h_eval = pf.sample(20_000, np.random.default_rng([s.seed, 99]))
+    x_eval, h_eval = s.eval_rows(pf)
     xt = torch.as_tensor(x_eval)
     rows = []
 
@@ -142,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 
     a = _parser().parse_args(argv)
     try:
-        settings = pick(a.settings)
-    except ValueError as e:
-        print(f"error: --settings: {e}", file=sys.stderr)
+        settings = pick_settings(a.settings)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(a.threads)
     tokens = max(1, round(a.tokens / BATCH)) * BATCH
