@@ -83,10 +83,13 @@ def ray_local(moto_endpoint, tmp_path_factory):
     ours = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "ray" in " ".join(p.cmdline()):    # not moto's or the LLM server's: their fixtures stop them
-                ours.append(p)
+            cmd = " ".join(p.cmdline())
         except psutil.Error:
-            pass
+            continue
+        # Ray's own binaries and workers only (a checkout path may well contain "ray"); moto and the LLM
+        # server are stopped by their own fixtures
+        if cmd.startswith("ray::") or f"site-packages{os.sep}ray{os.sep}" in cmd:
+            ours.append(p)
     ray.shutdown()
     _, alive = psutil.wait_procs(ours, timeout=10)
     for p in alive:
