@@ -111,6 +111,7 @@ def write_spec(tmp: Path, model: str, store: dict, name: str) -> Path:
     d = spec_dict(model, "unused", str(prompts), name=name, n_prompts=6, prompts_per_item=2)
     d["harvest"]["unit_contexts"] = 16          # four units: one recorded before the crash, three after
     d["sae"]["train"]["checkpoint_every"] = 10  # 30 steps: checkpoints at 10, 20, 30 (and the final one)
+    d["sae"]["train"]["launcher"] = "ray_train"  # the default: a killed worker restarted by Ray Train
     d["store"] = store
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(d))

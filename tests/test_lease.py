@@ -213,7 +213,8 @@ def _spec(model: str, store: str, lease_s: float = 30) -> dict:
             "hookpoints": ["resid_post.1"],
             "harvest": {"batch_size": 16, "unit_contexts": 16},
             "sae": {"architectures": [{"arch": "topk", "width": 64, "k": 4}],
-                    "train": {"tokens": 6000, "batch_size": 200, "checkpoint_every": 5}},
+                    # a Ray task per hook point: the lease is under test, Ray Train's start-up is not
+                    "train": {"tokens": 6000, "batch_size": 200, "checkpoint_every": 5, "launcher": "task"}},
             "evaluation": {"pipelines": 1, "batch_size": 16, "probes": False},
             "dashboards": {"enabled": False},
             # the expiry path, as for a holder on another machine: a dead holder on this machine would

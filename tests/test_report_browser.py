@@ -63,7 +63,8 @@ def _spec(tmp) -> dict:
             "corpus": {"source": str(tmp / "corpus"), "n_docs": 128, "context_len": 32, "heldout_docs": 16},
             "hookpoints": ["resid_post.0", "resid_post.1"], "harvest": {"batch_size": 16, "unit_contexts": 64},
             "sae": {"architectures": [{"arch": "topk", "width": 48, "k": 4}, {"arch": "relu", "width": 48, "l1": 1.0}],
-                    "train": {"tokens": 6000, "batch_size": 200}},
+                    # a Ray task per hook point: the pages are under test, Ray Train's start-up is not
+                    "train": {"tokens": 6000, "batch_size": 200, "launcher": "task"}},
             "evaluation": {"batch_size": 16}, "dashboards": {"all_up_to": 32, "frequent": 8, "random": 8},
             "store": str(tmp / "store"),
             "resources": {"harvest": {"num_cpus": 0.5}, "train": {"num_cpus": 0.5}, "eval": {"num_cpus": 0.5}}}

@@ -53,7 +53,9 @@ def spec_dict(model: str, store: str, prompt_file: str, name: str = "sw", **swee
             "hookpoints": ["resid_post.1", "resid_post.2"],
             "harvest": {"batch_size": 16, "unit_contexts": 32},
             "sae": {"architectures": [{"arch": "topk", "width": 64, "k": 4}, {"arch": "relu", "width": 64, "l1": 1.0}],
-                    "train": {"tokens": 6000, "batch_size": 200}},
+                    # one Ray task per hook point: the sweeps are under test here, and Ray Train's
+                    # 10-20 s start-up per run is covered by test_audit and test_crash_consistency
+                    "train": {"tokens": 6000, "batch_size": 200, "launcher": "task"}},
             "evaluation": {"batch_size": 16, "probes": False}, "dashboards": {"enabled": sweep.pop("dashboards", False)},
             "sweeps": [{"name": "g", "prompts": [prompt_file], "n_prompts": 24, "prompts_per_item": 1,
                         "hookpoints": ["resid_post.1"], "saes": ["topk"], "ks": [1, 2, "50%"], "exact_batch": 16,

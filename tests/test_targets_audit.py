@@ -32,7 +32,9 @@ def spec_dict(store: str, name: str, revisions, **over) -> dict:
             "hookpoints": ["resid_post.*"],
             "harvest": {"batch_size": 16, "unit_contexts": 16, "dtype": "float32", **over.pop("harvest", {})},
             "sae": {"architectures": [{"arch": "topk", "width": 64, "k": 4}],
-                    "train": {"tokens": 4000, "batch_size": 256}},
+                    # one Ray task per hook point: the targets are under test here, and Ray Train's
+                    # 10-20 s start-up per run is covered by test_audit and test_crash_consistency
+                    "train": {"tokens": 4000, "batch_size": 256, "launcher": "task"}},
             "evaluation": {"batch_size": 16, "probes": False}, "dashboards": {"enabled": False}, "store": store,
             "resources": {"harvest": {"num_cpus": 0.5}, "train": {"num_cpus": 0.5}, "eval": {"num_cpus": 0.5},
                           **over.pop("resources", {})}, **over}
