@@ -668,7 +668,7 @@ def bench_saelens(
     """saeray vs SAELens on SAELens's synthetic data: SAELens's TopK and saeray's architectures on one
     data stream, all scored by SAELens's eval_sae_on_synthetic_data (sae-lens runs in its own
     virtualenv, installed on first use; it is never a saeray dependency)."""
-    from .bench.saelens_env import ARCHS, ensure_env, parse_l1, run_side
+    from .bench.saelens_env import ARCHS, SIDE_MODULE, parse_l1
     from .sae.registry import check_gba_range
 
     names = [a.strip() for a in archs.split(",") if a.strip()]
@@ -681,7 +681,6 @@ def bench_saelens(
     if (htf is not None or ltf is not None) and "gba" not in names:
         raise InputError("--htf/--ltf set GBA's target range, but gba is not in --archs; add it")
     check_gba_range("gba", htf, ltf)
-    py = ensure_env(venv)
     args = ["--out", out, "--tokens", str(tokens), "--features", str(features), "--dim", str(dim), "--batch-size",
             str(batch_size), "--archs", ",".join(names), "--l1", l1, "--threads", str(threads),
             "--eval-samples", str(eval_samples), "--seed", str(seed)]
@@ -692,12 +691,19 @@ def bench_saelens(
     for flag, v in (("--htf", htf), ("--ltf", ltf)):
         if v is not None:
             args += [flag, repr(v)]
-    if json_out:
-        args.append("--json")
+    _bench_side("bench saelens", venv, args, json_out, SIDE_MODULE)
+
+
+def _bench_side(command: str, venv: str | None, args: list[str], json_out: bool, module: str) -> None:
+    """Run a benchmark body in the SAELens virtualenv (made on first use, after the caller checked its
+    input); its stdout is ours: the table, then (--json) its JSON line as our last line."""
+    from .bench.saelens_env import ensure_env, run_side
+
+    py = ensure_env(venv)
     sys.stdout.flush()
-    rc = run_side(py, args)   # its stdout is ours: the table, then (--json) its JSON line as our last line
+    rc = run_side(py, args + (["--json"] if json_out else []), module)
     if rc != 0:
-        raise SaerayError(f"bench saelens: the benchmark process ({py}) exited with {rc}")
+        raise SaerayError(f"{command}: the benchmark process ({py}) exited with {rc}")
 
 
 @bench_app.command("saelens-family")
@@ -715,21 +721,15 @@ def bench_saelens_family(
     seed each, scored like `bench recovery --family`): whether a family result is the method's or
     saeray's code. sae-lens runs in its own virtualenv, as for `bench saelens`."""
     from .bench.recovery_family import pick_settings
-    from .bench.saelens_env import FAMILY_MODULE, ensure_env, run_side
+    from .bench.saelens_env import FAMILY_MODULE
 
     pick_settings(settings)   # an unknown name: exit 2 before the venv is made
     if lr is not None and not lr > 0:
         raise InputError(f"--lr {lr} must be positive")
-    py = ensure_env(venv)
     args = ["--out", out, "--settings", settings, "--tokens", str(tokens), "--threads", str(threads)]
     if lr is not None:
         args += ["--lr", repr(lr)]
-    if json_out:
-        args.append("--json")
-    sys.stdout.flush()
-    rc = run_side(py, args, FAMILY_MODULE)
-    if rc != 0:
-        raise SaerayError(f"bench saelens-family: the benchmark process ({py}) exited with {rc}")
+    _bench_side("bench saelens-family", venv, args, json_out, FAMILY_MODULE)
 
 
 # ---- dashboards export -----------------------------------------------------------------------
