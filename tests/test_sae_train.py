@@ -125,6 +125,28 @@ def test_gba_scales_each_groups_direction_step():
     assert tr.saes["flat"].row_step_scale() is None and ARCHS["gba"](PF.d, 64).row_step_scale() is None
 
 
+def test_gba_bias_init_at_target_starts_each_neuron_at_its_groups_frequency():
+    """bias_init "target": after the trainer's data init each neuron fires on its init sample at its
+    group's target (the quantile it was set from), inside the controller's [-1, 0]; "zero" (the
+    default) leaves every bias at 0, where a centred neuron fires about half the time."""
+    cfg = TrainConfig(tokens=4 * B, batch_size=B, warmup_steps=0, checkpoint_every=0, log_every=1)
+    vs = [Variant("gba", 64, seed=0, name="zero"),
+          Variant("gba", 64, seed=0, name="target", opts={"ltf": 1e-3, "bias_init": "target"})]
+    tr = MultiTrainer(PF.d, vs, cfg)
+    sample = PF.batch(0, cfg.init_tokens)
+    tr.init_from_data(sample)
+    assert torch.equal(tr.saes["zero"].bias, torch.zeros(64))
+    sae = tr.saes["target"]
+    assert float(sae.bias.max()) <= 0.0 and float(sae.bias.min()) >= -1.0
+    with torch.no_grad():
+        fired = (sae(torch.as_tensor(sample)).pre > 0).float().mean(0)
+    free = (sae.bias > -1.0) & (sae.bias < 0.0)          # not held by the clamp
+    assert free.sum() > 40
+    assert torch.allclose(fired[free], sae.target[free], rtol=0.1, atol=2.0 / len(sample))
+    with pytest.raises(ValueError, match="bias_init"):
+        ARCHS["gba"](PF.d, 64, bias_init="quantile")
+
+
 def _final_weights(res):
     return {k: {n: t.detach().clone() for n, t in s.state_dict().items()} for k, (s, _) in res.items()}
 

@@ -120,6 +120,10 @@ class SAE(nn.Module):
         """Resolve settings that depend on the run's length (called once by the trainer before
         the first step, identically on resume); the default has none."""
 
+    def init_from_data(self, xs: Tensor) -> None:
+        """Data-dependent init beyond ``b_dec`` (called once by the trainer, after the input scale and
+        ``b_dec`` are set, with a sample of scaled activations); the default has none."""
+
     def decoder_param(self) -> nn.Parameter:
         """The parameter whose rows are the latent directions (normalised when the method wants it)."""
         return self.W_dec

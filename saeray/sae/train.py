@@ -216,6 +216,7 @@ class MultiTrainer:
         for sae in self.saes.values():
             sae.input_scale.fill_(c)
             sae.b_dec.copy_(b)
+            sae.init_from_data(xs)
             if self.world > 1:  # every rank starts from rank 0's scale and b_dec
                 _broadcast_state(sae)
         self.initialized = True
