@@ -217,7 +217,7 @@ class MultiTrainer:
             sae.input_scale.fill_(c)
             sae.b_dec.copy_(b)
             sae.init_from_data(xs)
-            if self.world > 1:  # every rank starts from rank 0's scale and b_dec
+            if self.world > 1:  # every rank starts from rank 0's data init (scale, b_dec, the SAE's own)
                 _broadcast_state(sae)
         self.initialized = True
 
